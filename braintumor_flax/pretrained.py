@@ -175,5 +175,5 @@ def assign_vgg16(vgg: VGG16, weights: Weights) -> None:
     """Copy converted weights into a Flax VGG16 in place."""
     for layer in VGG16_LAYERS:
         conv: nnx.Conv = getattr(vgg, layer)
-        conv.kernel.value = np.asarray(weights[f"{layer}.kernel"], conv.kernel.value.dtype)
-        conv.bias.value = np.asarray(weights[f"{layer}.bias"], conv.bias.value.dtype)
+        conv.kernel.set_value(np.asarray(weights[f"{layer}.kernel"], conv.kernel.get_value().dtype))
+        conv.bias.set_value(np.asarray(weights[f"{layer}.bias"], conv.bias.get_value().dtype))

@@ -1,0 +1,181 @@
+"""Checkpoints of the two-model pipeline: `save_pretrained` / `from_pretrained` / `push_to_hub`.
+
+Layout of a checkpoint folder (= one Hugging Face model repo):
+
+    config.json                 pipeline: both model configs, calibration, OOD statistics, provenance
+    shared.safetensors          parameters identical in both models (the frozen VGG blocks), stored once
+    view/model.safetensors      the rest of model 1       view/config.json   view/metrics.json
+    tumor/model.safetensors     the rest of model 2       tumor/config.json  tumor/metrics.json
+    metrics.json                test metrics of both models (written by evaluation)
+    README.md                   model card, generated from the metrics
+
+Only safetensors and JSON are read: loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from huggingface_hub import ModelHubMixin, snapshot_download
+from safetensors.numpy import load_file, save_file
+
+from braintumor_flax import __version__
+from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
+
+FORMAT_VERSION = 1
+TASKS = ("view", "tumor")
+SHARED_FILE = "shared.safetensors"
+HUB_FILES = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "README.md", "*.png"]
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Parameters as {"vgg.block1_conv1.kernel": array}: names that read like the layers they belong to."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(str(p) for p in path): np.asarray(var.get_value()) for path, var in flat}
+
+
+def load_flat_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
+    """Assign named arrays into a model in place; every parameter must be present with its shape."""
+    state = nnx.state(model, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    missing = []
+    for path, var in flat:
+        name = ".".join(str(p) for p in path)
+        if name not in params:
+            missing.append(name)
+            continue
+        value = params[name]
+        if value.shape != var.get_value().shape:
+            raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {var.get_value().shape}")
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+    if missing:
+        raise ValueError(f"checkpoint lacks parameters: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+def split_shared(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(shared, only_a, only_b): a tensor both models hold bit for bit is stored once."""
+    shared = {k: v for k, v in a.items() if k in b and v.shape == b[k].shape and np.array_equal(v, b[k])}
+    return (shared, {k: v for k, v in a.items() if k not in shared}, {k: v for k, v in b.items() if k not in shared})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class BrainTumorPipeline(
+    ModelHubMixin,
+    library_name="braintumor-flax",
+    license="cc-by-4.0",
+    pipeline_tag="image-classification",
+    tags=["flax", "jax", "medical-imaging", "brain-mri", "vgg16", "grad-cam"],
+    repo_url="https://huggingface.co/spaces/braintumor-flax/braintumor-flax",
+):
+    """Model 1 (view plane) and model 2 (tumour class) with what serving them needs."""
+
+    def __init__(
+        self,
+        view_model: ViewClassifier,
+        tumor_model: TumorClassifier,
+        info: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+    ):
+        self.view_model = view_model
+        self.tumor_model = tumor_model
+        # Calibration temperatures, OOD statistics, training recipe and data provenance.
+        self.info: dict[str, Any] = dict(info or {})
+        self.metrics: dict[str, Any] = dict(metrics or {})
+
+    @property
+    def models(self) -> dict[str, nnx.Module]:
+        return {"view": self.view_model, "tumor": self.tumor_model}
+
+    @property
+    def shares_lower_blocks(self) -> bool:
+        """True when both models hold identical frozen lower blocks, so the trunk can run once per image."""
+        return bool(self.info.get("shared_lower_blocks", False))
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": "braintumor-flax",
+            "library_version": __version__,
+            "models": {task: model.config.to_dict() for task, model in self.models.items()},
+            **self.info,
+        }
+
+    def _save_pretrained(self, save_directory: Path, *, dtype: str = "float32") -> None:
+        save_directory = Path(save_directory)
+        view, tumor = flat_params(self.view_model), flat_params(self.tumor_model)
+        shared, view_only, tumor_only = split_shared(view, tumor)
+        shared_blocks = self.view_model.config.shared_blocks
+        lower_names = [k for k in view if any(f"block{b}_" in k for b in range(1, shared_blocks + 1))]
+        self.info["shared_lower_blocks"] = bool(lower_names) and all(k in shared for k in lower_names)
+        cast = (lambda d: {k: v.astype(dtype) for k, v in d.items()}) if dtype != "float32" else (lambda d: d)
+        meta = {"format": "braintumor-flax", "version": str(FORMAT_VERSION)}
+        save_file(cast(shared), str(save_directory / SHARED_FILE), metadata=meta)
+        for task, only in (("view", view_only), ("tumor", tumor_only)):
+            (save_directory / task).mkdir(parents=True, exist_ok=True)
+            save_file(cast(only), str(save_directory / task / "model.safetensors"), metadata=meta)
+            _write_json(save_directory / task / "config.json", self.models[task].config.to_dict())
+            _write_json(save_directory / task / "metrics.json", self.metrics.get(task, {}))
+        _write_json(save_directory / "config.json", self.config_dict())
+        _write_json(save_directory / "metrics.json", self.metrics)
+        (save_directory / "README.md").write_text(self.model_card())
+
+    def model_card(self) -> str:
+        from braintumor_flax.model_card import render_model_card
+
+        return render_model_card(self.config_dict(), self.metrics)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        **_: Any,
+    ) -> BrainTumorPipeline:
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(snapshot_download(
+                repo_id=model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                local_files_only=local_files_only, token=token, allow_patterns=HUB_FILES,
+            ))
+        return cls.load_folder(folder)
+
+    @classmethod
+    def load_folder(cls, folder: str | Path) -> BrainTumorPipeline:
+        folder = Path(folder)
+        config = _read_json(folder / "config.json")
+        if not config:
+            raise FileNotFoundError(f"no checkpoint at {folder} (config.json missing)")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{folder} was written by a newer braintumor-flax; upgrade to load it")
+        shared = load_file(str(folder / SHARED_FILE)) if (folder / SHARED_FILE).is_file() else {}
+        models = {}
+        for task in TASKS:
+            model_config = ModelConfig.from_dict(config["models"][task])
+            model = build_model(model_config)
+            params = {**shared, **load_file(str(folder / task / "model.safetensors"))}
+            load_flat_params(model, {k: v.astype(np.float32) for k, v in params.items()})
+            models[task] = model
+        info = {k: v for k, v in config.items()
+                if k not in ("models", "format_version", "library", "library_version")}
+        return cls(models["view"], models["tumor"], info=info, metrics=_read_json(folder / "metrics.json"))

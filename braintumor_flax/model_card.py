@@ -1,0 +1,75 @@
+"""The model card (the Hub repo's README.md), generated from the checkpoint's config and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CARD_TEMPLATE = """---
+library_name: braintumor-flax
+license: cc-by-4.0
+pipeline_tag: image-classification
+tags: [flax, jax, medical-imaging, brain-mri, vgg16, grad-cam]
+datasets: [brisc2025, masoudnickparvar/brain-tumor-mri-dataset]
+---
+
+# braintumor-flax: view plane and tumour class of a 2-D brain MRI slice
+
+Two Flax NNX models built on an ImageNet VGG16 (Keras weights, caffe preprocessing) at {image_size}×{image_size}:
+**model 1** tells the view plane (axial, coronal, sagittal) and emits a 128-d feature; **model 2** tells the
+tumour class (glioma, meningioma, no tumour, pituitary) from the image and that feature.
+
+**Research demo, not a medical device.** Do not use it for diagnosis or treatment decisions.
+
+## Training
+- Recipe: `{recipe}`; data: {training_data}
+- Dataset manifest hash: `{dataset_hash}`
+
+## Results (deduplicated test sets: no test image, nor any near-duplicate of one, was trained on)
+{metrics_table}
+
+## Intended use and limitations
+- Intended: teaching, exploring how CNNs read MRI slices, and as a baseline for research.
+- Trained on BRISC 2025 and the Kaggle Brain Tumor MRI Dataset (T1-weighted, mostly contrast-enhanced slices,
+  downscaled to at most 256 px). Other sequences, scanners, paediatric scans, post-operative images and
+  slices without brain tissue are outside what it has seen; an out-of-distribution check flags images that
+  do not look like brain MRI, but cannot catch everything.
+- Class balance of the training data does not match clinical prevalence; probabilities are calibrated on a
+  validation split of the same sources, not on a clinical population.
+
+## Data licences and credit
+BRISC 2025 (Fateh et al., arXiv 2506.14318), CC BY 4.0. Kaggle "Brain Tumor MRI Dataset" (M. Nickparvar),
+built from figshare (Cheng et al.), SARTAJ and Br35H.
+"""
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown table of accuracy / macro-F1 per model and test set, from a metrics JSON."""
+    rows = []
+    for task in ("view", "tumor"):
+        for test_set, m in sorted(metrics.get(task, {}).items()):
+            if not isinstance(m, dict) or "accuracy" not in m:
+                continue
+            acc = m["accuracy"]
+            ci = m.get("accuracy_ci95")
+            ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            nan = float("nan")
+            rows.append(
+                f"| {task} | {test_set} | {m.get('n', '')} | {acc:.3f}{ci_text} | {m.get('macro_f1', nan):.3f} "
+                f"| {m.get('macro_auc', nan):.3f} | {m.get('ece_calibrated', nan):.3f} |"
+            )
+    if not rows:
+        return "_Not evaluated yet._"
+    header = ("| model | test set | n | accuracy [95% CI] | macro F1 | macro ROC-AUC | ECE (calibrated) |\n"
+              "|---|---|---|---|---|---|---|")
+    return header + "\n" + "\n".join(rows)
+
+
+def render_model_card(config: dict[str, Any], metrics: dict[str, Any]) -> str:
+    training = config.get("training", {})
+    return CARD_TEMPLATE.format(
+        image_size=config.get("models", {}).get("view", {}).get("image_size", "?"),
+        recipe=training.get("recipe", "unknown"),
+        training_data=training.get("data_summary", "see config.json"),
+        dataset_hash=training.get("dataset_hash", "unknown"),
+        metrics_table=metrics_table(metrics),
+    )

@@ -1,0 +1,91 @@
+"""Checkpoint round trips through save_pretrained / from_pretrained, and the exact Hub upload call."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from huggingface_hub import HfApi
+
+from braintumor_flax.hub import BrainTumorPipeline, flat_params
+from braintumor_flax.models import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    view = build_model(ModelConfig("view", image_size=32), seed=1)
+    tumor = build_model(ModelConfig("tumor", image_size=32), seed=2)
+    # Freeze-sharing: blocks 1-4 identical in both models, as after training with them frozen.
+    for name in ("block1_conv1", "block2_conv2", "block4_conv3"):
+        getattr(tumor.vgg, name).kernel.set_value(getattr(view.vgg, name).kernel.get_value())
+    return BrainTumorPipeline(view, tumor, info={"calibration": {"tumor_temperature": 1.5}},
+                              metrics={"tumor": {"brisc2025_test": {"accuracy": 0.5, "n": 10}}})
+
+
+def _predict(p: BrainTumorPipeline, images):
+    logits, feature = p.view_model(images)
+    return np.asarray(logits), np.asarray(p.tumor_model(images, feature))
+
+
+def test_round_trip_predicts_identically(pipeline, tmp_path):
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    files = {p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    assert {"config.json", "shared.safetensors", "view/model.safetensors", "tumor/model.safetensors",
+            "view/config.json", "tumor/metrics.json", "README.md", "metrics.json"} <= files
+    loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
+    images = jax.random.randint(jax.random.key(0), (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    for a, b in zip(_predict(pipeline, images), _predict(loaded, images), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.info["calibration"]["tumor_temperature"] == 1.5
+    assert "0.500" in (tmp_path / "ckpt" / "README.md").read_text()
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["models"]["tumor"]["class_names"] == ["glioma", "meningioma", "no_tumor", "pituitary"]
+
+
+def test_shared_blocks_stored_once(pipeline, tmp_path):
+    from safetensors.numpy import load_file
+
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    shared = load_file(str(tmp_path / "ckpt" / "shared.safetensors"))
+    view_only = load_file(str(tmp_path / "ckpt" / "view" / "model.safetensors"))
+    assert "vgg.block1_conv1.kernel" in shared and "vgg.block1_conv1.kernel" not in view_only
+    assert "vgg.block1_conv2.kernel" in view_only  # differs between the two models here
+    assert set(shared) | set(view_only) == set(flat_params(pipeline.view_model))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(pipeline, tmp_path):
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tumor" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Exception, match=r"(?i)safetensor|header|deserializ"):
+        BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError):
+        BrainTumorPipeline.load_folder(tmp_path / "nowhere")
+
+
+def test_push_to_hub_makes_the_exact_upload_call(pipeline, monkeypatch):
+    """The Hub is unreachable here: capture the calls at the HfApi boundary and check what would be sent."""
+    calls = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+
+        class Url(str):
+            pass
+
+        url = Url(f"https://huggingface.co/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded = sorted(p.relative_to(folder_path).as_posix() for p in folder_path.rglob("*") if p.is_file())
+        calls["upload_folder"] = (repo_id, uploaded, kwargs)
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    assert pipeline.push_to_hub("someone/braintumor-flax", commit_message="test push") == "commit-url"
+    repo_id, uploaded, kwargs = calls["upload_folder"]
+    assert repo_id == "someone/braintumor-flax" and kwargs["repo_type"] == "model"
+    assert kwargs["commit_message"] == "test push"
+    assert "shared.safetensors" in uploaded and "tumor/model.safetensors" in uploaded and "README.md" in uploaded
