@@ -1,0 +1,107 @@
+"""Inference core: load both models once, compile once, run the shared trunk once per image, batch.
+
+`Predictor.predict_arrays` is what the app, the API, evaluation and the benchmarks call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR
+
+MODEL_ENV_VAR = "BRAINTUMOR_FLAX_MODEL"  # a local folder or a Hub repo id
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Per-image outputs for a batch (numpy, float32)."""
+
+    view_probs: np.ndarray  # [N, 3]
+    tumor_probs: np.ndarray  # [N, 4]
+    view_feature: np.ndarray  # [N, 128]
+    view_logits: np.ndarray
+    tumor_logits: np.ndarray
+
+
+def softmax_with_temperature(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def resolve_model_source(source: str | Path | None = None) -> str | Path:
+    """Explicit argument, else $BRAINTUMOR_FLAX_MODEL (folder or Hub repo id), else ./checkpoints."""
+    return source or os.environ.get(MODEL_ENV_VAR) or DEFAULT_CHECKPOINT_DIR
+
+
+class Predictor:
+    """Both models, compiled for fixed batch shapes (padding the last batch) so each shape compiles once."""
+
+    def __init__(self, pipeline: BrainTumorPipeline, *, batch_size: int = 16):
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.image_size = pipeline.view_model.config.image_size
+        calibration = pipeline.info.get("calibration", {})
+        self.view_temperature = float(calibration.get("view_temperature", 1.0))
+        self.tumor_temperature = float(calibration.get("tumor_temperature", 1.0))
+        view_graph, view_state = nnx.split(pipeline.view_model)
+        tumor_graph, tumor_state = nnx.split(pipeline.tumor_model)
+        share = pipeline.shares_lower_blocks
+
+        @jax.jit
+        def forward(view_state, tumor_state, images):
+            view = nnx.merge(view_graph, view_state)
+            tumor = nnx.merge(tumor_graph, tumor_state)
+            view_lower = view.lower(images)
+            # Frozen lower blocks are identical in both models: compute them once and reuse.
+            tumor_lower = view_lower if share else tumor.lower(images)
+            view_logits, feature = view.from_lower(view_lower)
+            tumor_logits = tumor.from_lower(tumor_lower, feature if tumor.config.use_view_feature else None)
+            return view_logits, tumor_logits, feature
+
+        self._states = (view_state, tumor_state)
+        self._forward = forward
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path | None = None, **kwargs) -> Predictor:
+        return cls(BrainTumorPipeline.from_pretrained(resolve_model_source(source)), **kwargs)
+
+    def warm_up(self) -> None:
+        """Compile for the batch shape now, so the first request is not slow."""
+        self.predict_arrays(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
+
+    def predict_arrays(self, images: np.ndarray) -> Prediction:
+        """uint8 RGB [N, S, S, 3] at the model's image size → calibrated probabilities."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected [N, {self.image_size}, {self.image_size}, 3] images, got {images.shape}")
+        outs: list[tuple[np.ndarray, ...]] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            # Batches of 1 (the interactive case) get their own compiled shape; others are padded.
+            size = 1 if len(chunk) == 1 else self.batch_size
+            padded = np.zeros((size, *chunk.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            result = self._forward(*self._states, jnp.asarray(padded))
+            outs.append(tuple(np.asarray(r)[: len(chunk)] for r in result))
+        if not outs:
+            empty = np.zeros((0,), np.float32)
+            return Prediction(empty.reshape(0, 3), empty.reshape(0, 4), empty.reshape(0, 128),
+                              empty.reshape(0, 3), empty.reshape(0, 4))
+        view_logits, tumor_logits, feature = (np.concatenate(parts) for parts in zip(*outs, strict=True))
+        return Prediction(
+            view_probs=softmax_with_temperature(view_logits, self.view_temperature),
+            tumor_probs=softmax_with_temperature(tumor_logits, self.tumor_temperature),
+            view_feature=feature.astype(np.float32),
+            view_logits=view_logits,
+            tumor_logits=tumor_logits,
+        )
