@@ -1,0 +1,67 @@
+"""Training configuration: one dataclass, and named recipes (`train.py --recipe NAME`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "faithful"
+    image_size: int = 128
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    schedule: Literal["constant", "warmup_cosine"] = "constant"
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0  # > 0 switches Adam to AdamW
+    label_smoothing: float = 0.0
+    # VGG blocks 1..frozen_blocks keep their ImageNet weights (the original froze blocks 1-4).
+    frozen_blocks: int = 4
+    # With the lower blocks frozen, their output is computed once per image and cached; augmentation then
+    # acts on those cached feature maps (flips and zoom of the 8×8×512 map) instead of on pixels.
+    cache_lower_features: bool = True
+    hflip: bool = True
+    vflip: bool = True
+    zoom: float = 0.2
+    use_view_feature: bool = True  # False = the ablation: tumour model without the view branch
+    val_fraction: float = 0.2
+    seed: int = 0
+    eval_batch_size: int = 64
+    max_images: int | None = None  # cap per split, for smoke tests
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def lower_features_cacheable(self) -> bool:
+        return self.cache_lower_features and self.frozen_blocks >= 4
+
+
+RECIPES: dict[str, TrainConfig] = {
+    # The original Keras recipe: Adam 1e-4, cross-entropy, 5 epochs, batch 64, flips + zoom, blocks 1-4 frozen.
+    "faithful": TrainConfig(),
+    "faithful-20ep": TrainConfig(recipe="faithful-20ep", epochs=20),
+    # Same recipe without the view feature: the ablation the original claimed but never showed.
+    "faithful-no-view": TrainConfig(recipe="faithful-no-view", use_view_feature=False),
+    # Full fine-tuning (GPU): all blocks trained, pixel-space augmentation, warm-up + cosine, label smoothing.
+    "finetune-12ep": TrainConfig(recipe="finetune-12ep", epochs=12, frozen_blocks=0, cache_lower_features=False,
+                                 schedule="warmup_cosine", warmup_epochs=1.0, learning_rate=1e-4,
+                                 weight_decay=1e-4, label_smoothing=0.1),
+    "finetune-30ep": TrainConfig(recipe="finetune-30ep", epochs=30, frozen_blocks=0, cache_lower_features=False,
+                                 schedule="warmup_cosine", warmup_epochs=2.0, learning_rate=1e-4,
+                                 weight_decay=1e-4, label_smoothing=0.1),
+    # Seconds-long smoke test on a handful of images.
+    "tiny": TrainConfig(recipe="tiny", image_size=32, epochs=2, batch_size=4, eval_batch_size=8, max_images=24),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> TrainConfig:
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return RECIPES[name].replace(**overrides)

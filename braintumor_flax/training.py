@@ -1,0 +1,409 @@
+"""Two-stage training with Optax: stage 1 the view model, stage 2 the tumour model on frozen view features.
+
+The train state is a pair of pytrees (trainable parameters, optimizer state); frozen parameters are split
+off by name before differentiation, so they get neither gradients nor optimizer slots. One jitted
+`train_step` serves every recipe; batches are sharded over all local devices along a "data" mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from braintumor_flax.augment import augment_batch
+from braintumor_flax.config import TrainConfig
+from braintumor_flax.data import PreparedData, Split, prepare
+from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.labels import PLANES, TUMOR_CLASSES
+from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
+from braintumor_flax.models.vgg16 import VGG16_BLOCKS
+from braintumor_flax.paths import cache_dir
+from braintumor_flax.pretrained import assign_vgg16, load_imagenet_vgg16
+
+Model = ViewClassifier | TumorClassifier
+
+
+# ----------------------------------------------------------------------------------------------- freezing
+def frozen_layer_names(frozen_blocks: int) -> set[str]:
+    return {f"block{b}_conv{i}" for b in range(1, frozen_blocks + 1) for i in range(1, len(VGG16_BLOCKS[b - 1]) + 1)}
+
+
+def trainable_filter(frozen_blocks: int) -> Callable[[tuple, Any], bool]:
+    """NNX filter: parameters not inside a frozen VGG layer (matched by name, as in big_vision)."""
+    frozen = frozen_layer_names(frozen_blocks)
+
+    def is_trainable(path: tuple, value: Any) -> bool:
+        return isinstance(value, nnx.Param) and not any(str(part) in frozen for part in path)
+
+    return is_trainable
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "warmup_cosine":
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), total)
+    else:
+        lr = config.learning_rate
+    if config.weight_decay > 0:
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    return optax.adam(lr)
+
+
+# ----------------------------------------------------------------------------------------------- forward
+def logits_of(model: Model, x: jax.Array, extra: jax.Array | None, *, from_lower: bool, train: bool,
+              key: jax.Array | None) -> jax.Array:
+    """Logits from images (uint8/float pixels) or from cached lower-block features."""
+    if isinstance(model, ViewClassifier):
+        fn = model.from_lower if from_lower else model
+        return fn(x, train=train, key=key)[0]
+    view_feature = extra if model.config.use_view_feature else None
+    fn = model.from_lower if from_lower else model
+    return fn(x, view_feature, train=train, key=key)
+
+
+@dataclasses.dataclass
+class StageData:
+    """What one stage trains or validates on: inputs (pixels or lower features), labels, view features."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    extra: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _mesh() -> Mesh:
+    # Auto axis: XLA propagates the batch sharding (explicit sharding-in-types would reject the per-sample
+    # vmap in augmentation, whose keys are not sharded).
+    return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(AxisType.Auto,))
+
+
+class StageTrainer:
+    """Holds the train state of one model and runs epochs over a StageData."""
+
+    def __init__(self, model: Model, config: TrainConfig, *, from_lower: bool, steps_per_epoch: int, name: str):
+        self.config, self.from_lower, self.name = config, from_lower, name
+        self.graphdef, self.params, self.rest = nnx.split(model, trainable_filter(config.frozen_blocks), ...)
+        self.tx = make_optimizer(config, steps_per_epoch)
+        self.opt_state = self.tx.init(self.params)
+        self.mesh = _mesh()
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.params = jax.device_put(self.params, self.replicated)
+        self.rest = jax.device_put(self.rest, self.replicated)
+        self.opt_state = jax.device_put(self.opt_state, self.replicated)
+        graphdef, tx, cfg = self.graphdef, self.tx, config
+
+        def loss_fn(params, rest, x, extra, labels, key):
+            model = nnx.merge(graphdef, params, rest)
+            aug_key, drop_key = jax.random.split(key)
+            x = x.astype(jnp.float32)
+            if cfg.hflip or cfg.vflip or cfg.zoom > 0:
+                x = augment_batch(aug_key, x, hflip=cfg.hflip, vflip=cfg.vflip, zoom=cfg.zoom)
+            logits = logits_of(model, x, extra, from_lower=from_lower, train=True, key=drop_key)
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), cfg.label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            return loss, (logits.argmax(-1) == labels).mean()
+
+        @jax.jit
+        def train_step(params, opt_state, rest, x, extra, labels, key):
+            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, extra, labels, key)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss, acc
+
+        @jax.jit
+        def eval_logits(params, rest, x, extra):
+            model = nnx.merge(graphdef, params, rest)
+            return logits_of(model, x.astype(jnp.float32), extra, from_lower=from_lower, train=False, key=None)
+
+        self._train_step, self._eval_logits = train_step, eval_logits
+
+    # -- state ------------------------------------------------------------------------------------------
+    def model(self) -> Model:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def save_state(self, path: Path, epoch: int, history: list[dict], depends_on: str = "") -> None:
+        """Resumable state as plain arrays (npz without pickles) + JSON; structure comes from the code."""
+        leaves = jax.tree.leaves((self.params, self.opt_state))
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **{f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+        tmp.replace(path.with_suffix(".npz"))
+        path.with_suffix(".json").write_text(
+            json.dumps({"epoch": epoch, "history": history, "depends_on": depends_on}, indent=1))
+
+    def load_state(self, path: Path) -> tuple[int, list[dict]]:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        treedef = jax.tree.structure((self.params, self.opt_state))
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
+            leaves = [data[f"leaf_{i:05d}"] for i in range(len(data.files))]
+        params, opt_state = jax.tree.unflatten(treedef, leaves)
+        self.params = jax.device_put(params, self.replicated)
+        self.opt_state = jax.device_put(opt_state, self.replicated)
+        return int(meta["epoch"]), list(meta["history"])
+
+    # -- loops ------------------------------------------------------------------------------------------
+    def _shard(self, array: np.ndarray | None) -> jax.Array | None:
+        return None if array is None else jax.device_put(array, self.batch_sharding)
+
+    def run_epoch(self, data: StageData, epoch: int) -> dict[str, float]:
+        bs = self.config.batch_size
+        n_dev = jax.local_device_count()
+        if bs % n_dev:
+            raise ValueError(f"batch size {bs} must be divisible by the {n_dev} local devices")
+        # Seeded shuffle per (stage, epoch); the last partial batch is dropped so every step has one shape.
+        rng = np.random.default_rng([self.config.seed, zlib_crc(self.name), epoch])
+        order = rng.permutation(len(data))
+        steps = len(data) // bs
+        if steps == 0:
+            raise ValueError(f"{self.name}: {len(data)} training examples are fewer than one batch of {bs}")
+        base_key = jax.random.fold_in(jax.random.key(self.config.seed), zlib_crc(self.name))
+        losses, accs = [], []
+        bar = tqdm(range(steps), desc=f"{self.name} epoch {epoch + 1}/{self.config.epochs}", unit="batch",
+                   dynamic_ncols=True, mininterval=2.0)
+        for step in bar:
+            idx = np.sort(order[step * bs : (step + 1) * bs])
+            key = jax.random.fold_in(base_key, epoch * steps + step)
+            extra = data.extra[idx] if data.extra is not None else None
+            self.params, self.opt_state, loss, acc = self._train_step(
+                self.params, self.opt_state, self.rest, self._shard(data.inputs[idx]), self._shard(extra),
+                self._shard(data.labels[idx]), key)
+            losses.append(loss)
+            accs.append(acc)
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{float(np.mean(accs[-10:])):.3f}")
+        return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))}
+
+    def predict_logits(self, data: StageData) -> np.ndarray:
+        return predict_in_batches(
+            lambda x, e: self._eval_logits(self.params, self.rest, x, e), data.inputs, data.extra,
+            self.config.eval_batch_size, desc=f"{self.name} eval")
+
+    def evaluate(self, data: StageData) -> dict[str, float]:
+        logits = self.predict_logits(data)
+        loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(data.labels))
+        return {"loss": float(loss.mean()), "accuracy": float((logits.argmax(-1) == data.labels).mean())}
+
+
+def zlib_crc(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def predict_in_batches(fn: Callable, inputs: np.ndarray, extra: np.ndarray | None, batch_size: int,
+                       desc: str = "predict", leave: bool = False) -> Any:
+    """Apply a jitted fn over fixed-size (padded) batches; returns the concatenated numpy outputs."""
+    outs = []
+    n_dev = jax.local_device_count()
+    batch_size = max(n_dev, batch_size - batch_size % n_dev)
+    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch", leave=leave,
+                      dynamic_ncols=True, mininterval=2.0):
+        x = inputs[start : start + batch_size]
+        e = extra[start : start + batch_size] if extra is not None else None
+        n_valid = len(x)
+        pad = batch_size - n_valid
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            e = np.concatenate([e, np.zeros((pad, *e.shape[1:]), e.dtype)]) if e is not None else None
+        out = fn(jnp.asarray(x), None if e is None else jnp.asarray(e))
+        outs.append(jax.tree.map(lambda a, n=n_valid: np.asarray(a)[:n], out))
+    if not outs:
+        raise ValueError("nothing to predict")
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+# ----------------------------------------------------------------------------------------------- lower-feature cache
+def lower_blocks_digest(model: Model) -> str:
+    """Identifies the frozen lower blocks' weights, so cached features are never reused with other weights."""
+    h = hashlib.sha256(f"size={model.config.image_size} blocks={model.config.shared_blocks}".encode())
+    for name in sorted(frozen_layer_names(model.config.shared_blocks)):
+        conv = getattr(model.vgg, name)
+        h.update(np.asarray(conv.kernel.get_value()).tobytes())
+        h.update(np.asarray(conv.bias.get_value()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def lower_features(model: Model, split: Split, *, batch_size: int = 32, use_cache: bool = True) -> np.ndarray:
+    """float16 [N, S/16, S/16, 512] outputs of the frozen lower blocks, computed once per image and cached
+    on disk by (weights digest, file content hash): reruns, resumed runs and stage 2 reuse them."""
+    graphdef, state = nnx.split(model)
+    lower_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).lower(x))
+    if not use_cache:
+        return predict_in_batches(lambda x, _: lower_fn(state, x), split.images, None, batch_size,
+                                  desc=f"lower VGG blocks ({split.name})").astype(np.float16)
+    folder = cache_dir("features", lower_blocks_digest(model))
+    files = [folder / f"{h}.npy" for h in split.content_hash]
+    todo = [i for i, f in enumerate(files) if not f.is_file()]
+    chunk = 512  # written as we go, so an interrupted extraction resumes where it stopped
+    for start in tqdm(range(0, len(todo), chunk), desc=f"lower VGG blocks ({split.name}, {len(todo)} new images)",
+                      unit="chunk", dynamic_ncols=True):
+        rows = todo[start : start + chunk]
+        feats = predict_in_batches(lambda x, _: lower_fn(state, x), split.images[rows], None, batch_size)
+        for i, feat in zip(rows, feats.astype(np.float16), strict=True):
+            tmp = files[i].with_suffix(".tmp.npy")
+            np.save(tmp, feat)
+            tmp.replace(files[i])
+    return np.stack([np.load(f) for f in files]) if files else np.zeros((0,), np.float16)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+def build_models(config: TrainConfig, weights_source: str | Path | None = None) -> tuple[ViewClassifier,
+                                                                                          TumorClassifier]:
+    weights = load_imagenet_vgg16(weights_source)
+    view = build_model(ModelConfig("view", image_size=config.image_size), seed=config.seed)
+    tumor = build_model(ModelConfig("tumor", image_size=config.image_size,
+                                    view_projection_dim=64 if config.use_view_feature else 0),
+                        seed=config.seed + 1)
+    for model in (view, tumor):
+        assign_vgg16(model.vgg, weights)
+    return view, tumor  # type: ignore[return-value]
+
+
+def fit_stage(trainer: StageTrainer, train: StageData, val: StageData, state_path: Path, resume: bool,
+              log: Callable[[str], None], depends_on: str) -> list[dict]:
+    """Train for the configured epochs, saving a resumable state after each one.
+
+    `depends_on` digests what the state was computed from (data, config, and for stage 2 the view model):
+    a saved state made from anything else is stale and training of this stage restarts from scratch.
+    """
+    start_epoch, history = 0, []
+    if resume and state_path.with_suffix(".npz").is_file():
+        saved = json.loads(state_path.with_suffix(".json").read_text()).get("depends_on")
+        if saved == depends_on:
+            start_epoch, history = trainer.load_state(state_path)
+            log(f"{trainer.name}: resumed after epoch {start_epoch}")
+        else:
+            log(f"{trainer.name}: saved state was made from other inputs; training this stage from scratch")
+    for epoch in range(start_epoch, trainer.config.epochs):
+        t0 = time.perf_counter()
+        stats = trainer.run_epoch(train, epoch)
+        val_stats = trainer.evaluate(val) if len(val) else {}
+        entry = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
+                 **{f"val_{k}": v for k, v in val_stats.items()}, "seconds": round(time.perf_counter() - t0, 1)}
+        history.append(entry)
+        log(f"{trainer.name} epoch {epoch + 1}/{trainer.config.epochs}: " + ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "epoch"))
+        trainer.save_state(state_path, epoch + 1, history, depends_on)
+    return history
+
+
+def digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, nnx.Module):
+            for leaf in jax.tree.leaves(nnx.state(part, nnx.Param)):
+                h.update(np.asarray(leaf).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _resume_key(config: TrainConfig) -> dict[str, Any]:
+    """Config fields that change what an epoch computes (a constant-rate run can be extended by epochs)."""
+    fields = config.to_dict()
+    if config.schedule == "constant":
+        fields.pop("epochs")
+    return fields
+
+
+def _cap(split: Split, limit: int | None) -> Split:
+    return split if limit is None or len(split) <= limit else split.subset(np.arange(limit))
+
+
+def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: str | Path, *,
+                   resume: bool = False, weights_source: str | Path | None = None,
+                   data: PreparedData | None = None, log: Callable[[str], None] = print) -> BrainTumorPipeline:
+    """Stage 1 (view model on plane-labelled images), then stage 2 (tumour model with frozen view features)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if data is None:
+        data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    timings["data_s"] = time.perf_counter() - t0
+    train_split, val_split = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
+    view_model, tumor_model = build_models(config, weights_source)
+    from_lower = config.lower_features_cacheable
+
+    t = time.perf_counter()
+    if from_lower:
+        train_x = lower_features(view_model, train_split, batch_size=config.eval_batch_size)
+        val_x = lower_features(view_model, val_split, batch_size=config.eval_batch_size)
+    else:
+        train_x, val_x = train_split.images, val_split.images
+    timings["lower_features_s"] = time.perf_counter() - t
+
+    # Stage 1: view planes exist only where the file name says (BRISC).
+    t = time.perf_counter()
+    has_plane, val_has_plane = train_split.plane >= 0, val_split.plane >= 0
+    stage1_train = StageData(train_x[has_plane], train_split.plane[has_plane])
+    stage1_val = StageData(val_x[val_has_plane], val_split.plane[val_has_plane])
+    log(f"stage 1 (view): {len(stage1_train)} train / {len(stage1_val)} val images, recipe {config.recipe}")
+    steps = max(1, len(stage1_train) // config.batch_size)
+    view_trainer = StageTrainer(view_model, config, from_lower=from_lower, steps_per_epoch=steps, name="view")
+    view_history = fit_stage(view_trainer, stage1_train, stage1_val, run_dir / "view_state", resume, log,
+                             depends_on=digest(_resume_key(config), data.dataset_hash, "view"))
+    view_model = view_trainer.model()
+    timings["stage1_s"] = time.perf_counter() - t
+
+    # Stage 2: the view model is frozen; its 128-d feature is computed once per image (no augmentation).
+    t = time.perf_counter()
+    graphdef, state = nnx.split(view_model)
+    feature_fn = jax.jit(lambda s, x, _: (nnx.merge(graphdef, s).from_lower(x) if from_lower
+                                          else nnx.merge(graphdef, s)(x))[1])
+    with_tumor, val_with_tumor = train_split.tumor >= 0, val_split.tumor >= 0
+    train_feat = predict_in_batches(lambda x, e: feature_fn(state, x, e), train_x[with_tumor], None,
+                                    config.eval_batch_size, desc="view features (train)")
+    val_feat = predict_in_batches(lambda x, e: feature_fn(state, x, e), val_x[val_with_tumor], None,
+                                  config.eval_batch_size, desc="view features (val)")
+    stage2_train = StageData(train_x[with_tumor], train_split.tumor[with_tumor], train_feat)
+    stage2_val = StageData(val_x[val_with_tumor], val_split.tumor[val_with_tumor], val_feat)
+    log(f"stage 2 (tumour): {len(stage2_train)} train / {len(stage2_val)} val images, "
+        f"view feature {'on' if config.use_view_feature else 'off (ablation)'}")
+    steps = max(1, len(stage2_train) // config.batch_size)
+    tumor_trainer = StageTrainer(tumor_model, config, from_lower=from_lower, steps_per_epoch=steps, name="tumor")
+    tumor_history = fit_stage(tumor_trainer, stage2_train, stage2_val, run_dir / "tumor_state", resume, log,
+                              depends_on=digest(_resume_key(config), data.dataset_hash, "tumor", view_model))
+    tumor_model = tumor_trainer.model()
+    timings["stage2_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    val_outputs = {
+        "view_logits": view_trainer.predict_logits(stage1_val), "view_labels": stage1_val.labels,
+        "tumor_logits": tumor_trainer.predict_logits(stage2_val), "tumor_labels": stage2_val.labels,
+    }
+    np.savez(run_dir / "val_outputs.npz", **val_outputs)
+    counts = {name: len(split) for name, split in data.splits.items()}
+    info = {
+        "training": {
+            "recipe": config.recipe,
+            "config": config.to_dict(),
+            "dataset_hash": data.dataset_hash,
+            "data_summary": f"split sizes after deduplication {counts}",
+            "history": {"view": view_history, "tumor": tumor_history},
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "machine": f"{platform.machine()} {platform.processor() or ''} ×{jax.local_device_count()} "
+                       f"{jax.devices()[0].platform}".strip(),
+            "jax_version": jax.__version__,
+        },
+        "class_names": {"view": list(PLANES), "tumor": list(TUMOR_CLASSES)},
+    }
+    (run_dir / "training_log.json").write_text(json.dumps(info["training"], indent=1))
+    return BrainTumorPipeline(view_model, tumor_model, info=info)
+

