@@ -24,6 +24,8 @@ def train_parser() -> argparse.ArgumentParser:
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
+    p.add_argument("--view-from", type=Path, default=None,
+                   help="reuse the view model of this checkpoint and train only the tumour model")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
     return p
 
@@ -43,7 +45,8 @@ def train_main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     print(f"recipe {config.recipe}: {json.dumps(config.to_dict())}")
     t0 = time.perf_counter()
-    pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights)
+    pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
+                              view_from=args.view_from)
     finalize_pipeline(pipeline, run_dir)
     pipeline.save_pretrained(args.out)
     print(f"saved checkpoint to {args.out} after {time.perf_counter() - t0:.0f} s")

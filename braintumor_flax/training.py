@@ -328,8 +328,13 @@ def _cap(split: Split, limit: int | None) -> Split:
 
 def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: str | Path, *,
                    resume: bool = False, weights_source: str | Path | None = None,
-                   data: PreparedData | None = None, log: Callable[[str], None] = print) -> BrainTumorPipeline:
-    """Stage 1 (view model on plane-labelled images), then stage 2 (tumour model with frozen view features)."""
+                   data: PreparedData | None = None, log: Callable[[str], None] = print,
+                   view_from: str | Path | None = None) -> BrainTumorPipeline:
+    """Stage 1 (view model on plane-labelled images), then stage 2 (tumour model with frozen view features).
+
+    `view_from` takes the view model of an existing checkpoint and skips stage 1 (to retrain only the
+    tumour model, e.g. for the ablation without the view feature).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -357,8 +362,18 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     log(f"stage 1 (view): {len(stage1_train)} train / {len(stage1_val)} val images, recipe {config.recipe}")
     steps = max(1, len(stage1_train) // config.batch_size)
     view_trainer = StageTrainer(view_model, config, from_lower=from_lower, steps_per_epoch=steps, name="view")
-    view_history = fit_stage(view_trainer, stage1_train, stage1_val, run_dir / "view_state", resume, log,
-                             depends_on=digest(_resume_key(config), data.dataset_hash, "view"))
+    if view_from is not None:
+        view_model = BrainTumorPipeline.from_pretrained(view_from).view_model
+        if view_model.config.image_size != config.image_size:
+            raise ValueError(f"{view_from}: view model is for {view_model.config.image_size} px, "
+                             f"not {config.image_size}")
+        view_trainer.graphdef, view_trainer.params, view_trainer.rest = nnx.split(
+            view_model, trainable_filter(config.frozen_blocks), ...)
+        view_history = [{"reused_from": str(view_from)}]
+        log(f"stage 1 skipped: view model taken from {view_from}")
+    else:
+        view_history = fit_stage(view_trainer, stage1_train, stage1_val, run_dir / "view_state", resume, log,
+                                 depends_on=digest(_resume_key(config), data.dataset_hash, "view"))
     view_model = view_trainer.model()
     timings["stage1_s"] = time.perf_counter() - t
 
