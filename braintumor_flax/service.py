@@ -1,0 +1,204 @@
+"""What the app and its API do with an image, independent of Gradio: decode → both models (+ Grad-CAM) →
+OOD check → a result with plain-language summary and a JSON form.
+
+One `BrainTumorService` per process holds the compiled models; a lock serialises model calls (XLA already
+uses every core for one call, so two at once only contend), while decoding and encoding of other
+requests run alongside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from braintumor_flax import __version__
+from braintumor_flax.gradcam import gradcam_overlay
+from braintumor_flax.hub import flat_params
+from braintumor_flax.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
+from braintumor_flax.inference import Predictor, resolve_model_source
+from braintumor_flax.labels import PLANES, TUMOR_CLASSES
+from braintumor_flax.ood import OODDetector, OODResult
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image file (a 16-bit 4k x 4k scan fits); uploads above are refused
+MAX_PIXELS = 40_000_000  # decoded size limit, checked from the header before any pixel is decoded
+
+PLANE_NAMES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
+TUMOR_NAMES = {"glioma": "Glioma", "meningioma": "Meningioma", "no_tumor": "No tumour", "pituitary": "Pituitary tumour"}
+
+
+@dataclasses.dataclass
+class SliceResult:
+    """The answer for one input. `error` set ⇒ nothing else is."""
+
+    name: str
+    plane_probs: dict[str, float] | None = None
+    tumor_probs: dict[str, float] | None = None
+    ood: OODResult | None = None
+    overlay: np.ndarray | None = None  # Grad-CAM over the slice, uint8 RGB (single-image path only)
+    error: str | None = None
+    compute_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def plane(self) -> str | None:
+        return None if self.plane_probs is None else max(self.plane_probs, key=self.plane_probs.__getitem__)
+
+    @property
+    def tumor(self) -> str | None:
+        return None if self.tumor_probs is None else max(self.tumor_probs, key=self.tumor_probs.__getitem__)
+
+    @property
+    def is_ood(self) -> bool:
+        return bool(self.ood and self.ood.flag)
+
+    def summary(self) -> str:
+        """One plain-language line."""
+        if self.error:
+            return f"Could not analyse this file: {self.error}"
+        if self.is_ood:
+            assert self.ood is not None
+            return ("This does not look like a brain MRI slice, so no tumour class is given: "
+                    + "; ".join(self.ood.reasons) + ".")
+        assert self.plane_probs and self.tumor_probs and self.plane and self.tumor
+        plane = f"{PLANE_NAMES[self.plane].lower()} slice ({self.plane_probs[self.plane]:.0%})"
+        tumor_p = self.tumor_probs[self.tumor]
+        if self.tumor == "no_tumor":
+            finding = f"the model sees no tumour ({tumor_p:.0%})"
+        else:
+            finding = f"the model's most likely class is {TUMOR_NAMES[self.tumor].lower()} ({tumor_p:.0%})"
+        hedge = " — low confidence, treat with extra caution" if tumor_p < 0.6 else ""
+        return f"An {plane}; {finding}{hedge}." if plane[0] in "aeiou" else f"A {plane}; {finding}{hedge}."
+
+    def to_json(self, model_version: str) -> dict[str, Any]:
+        """The API's answer: labels are null when the input failed or looks out of distribution."""
+        out: dict[str, Any] = {"file": self.name, "ok": self.ok, "model_version": model_version}
+        if not self.ok:
+            out["error"] = self.error
+            return out
+        assert self.plane_probs is not None and self.tumor_probs is not None and self.ood is not None
+        trusted = not self.is_ood
+
+        def block(probs: dict[str, float], label: str | None) -> dict[str, Any]:
+            return {"label": label if trusted else None, "confidence": round(probs[label], 6) if label else None,
+                    "probabilities": {k: round(v, 6) for k, v in probs.items()}}
+
+        out["plane"] = block(self.plane_probs, self.plane)
+        out["tumor"] = block(self.tumor_probs, self.tumor)
+        out["ood"] = self.is_ood
+        out["ood_details"] = self.ood.to_dict()
+        out["summary"] = self.summary()
+        if self.compute_ms is not None:
+            out["compute_ms"] = round(self.compute_ms, 1)
+        return out
+
+
+def checkpoint_fingerprint(predictor: Predictor) -> str:
+    """12 hex digits over every parameter of both models: changes exactly when the weights do."""
+    h = hashlib.sha256()
+    for model in (predictor.pipeline.view_model, predictor.pipeline.tumor_model):
+        for name, value in sorted(flat_params(model).items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()[:12]
+
+
+class BrainTumorService:
+    def __init__(self, predictor: Predictor, *, source: str | Path | None = None, max_pixels: int = MAX_PIXELS,
+                 max_bytes: int = MAX_IMAGE_BYTES):
+        self.predictor = predictor
+        self.source = str(source) if source is not None else None
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.ood = OODDetector(predictor.pipeline.info.get("ood"))
+        self._lock = threading.Lock()
+        training = predictor.pipeline.info.get("training", {})
+        recipe = training.get("recipe") if isinstance(training, dict) else None
+        self.model_version = f"braintumor-flax {__version__} / weights {checkpoint_fingerprint(predictor)}" + (
+            f" / {recipe}" if recipe else "")
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path | None = None, *, warm_up: bool = True, **kwargs: Any):
+        """Checkpoint folder or Hub repo id; default $BRAINTUMOR_FLAX_MODEL, else ./checkpoints."""
+        resolved = resolve_model_source(source)
+        service = cls(Predictor.from_pretrained(resolved), source=resolved, **kwargs)
+        if warm_up:
+            service.warm_up()
+        return service
+
+    def warm_up(self) -> None:
+        """Compile the single-image Grad-CAM path and the padded batch path before the first request."""
+        size = self.predictor.image_size
+        self.predictor.warm_up_explain()
+        self.predictor.predict_arrays(np.zeros((2, size, size, 3), np.uint8))
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    def decode(self, source: ImageSource) -> np.ndarray:
+        """Path or bytes → uint8 RGB, or ImageDecodeError with a message fit for the user."""
+        if isinstance(source, str | Path):
+            path = Path(source)
+            if path.is_file() and path.stat().st_size > self.max_bytes:
+                raise ImageDecodeError(f"file is {path.stat().st_size / 2**20:.1f} MB; the limit is "
+                                       f"{self.max_bytes / 2**20:.0f} MB per image")
+        elif isinstance(source, bytes | bytearray) and len(source) > self.max_bytes:
+            raise ImageDecodeError(f"file is {len(source) / 2**20:.1f} MB; the limit is "
+                                   f"{self.max_bytes / 2**20:.0f} MB per image")
+        return decode_image(source, max_pixels=self.max_pixels)
+
+    # -- analysis ---------------------------------------------------------------------------------
+
+    def _results(self, names: list[str], images: np.ndarray, prediction: Any, elapsed_ms: float) -> list[SliceResult]:
+        oods = self.ood(prediction.view_feature, images)
+        return [
+            SliceResult(name, dict(zip(PLANES, map(float, prediction.view_probs[i]), strict=True)),
+                        dict(zip(TUMOR_CLASSES, map(float, prediction.tumor_probs[i]), strict=True)),
+                        oods[i], compute_ms=elapsed_ms / len(names))
+            for i, name in enumerate(names)
+        ]
+
+    def analyze(self, rgb: np.ndarray, *, name: str = "image", gradcam: bool = True) -> SliceResult:
+        """One decoded slice → probabilities, OOD check and (unless OOD) the Grad-CAM overlay."""
+        x = to_model_input(rgb, self.predictor.image_size)[None]
+        with self._lock:
+            start = time.perf_counter()
+            if gradcam:
+                prediction, cams = self.predictor.explain_arrays(x)
+            else:
+                prediction, cams = self.predictor.predict_arrays(x), None
+            elapsed = (time.perf_counter() - start) * 1000
+        result = self._results([name], x, prediction, elapsed)[0]
+        if cams is not None and not result.is_ood:
+            result.overlay = gradcam_overlay(rgb, cams[0])
+        return result
+
+    def analyze_many(self, items: list[tuple[str, np.ndarray | str]]) -> list[SliceResult]:
+        """(name, decoded RGB or an error message) per input → one result per input, in order.
+
+        Good images run through the models in batches; a bad one only fills its own row.
+        """
+        results: list[SliceResult | None] = [None] * len(items)
+        good = [i for i, (_, value) in enumerate(items) if not isinstance(value, str)]
+        for i, (name, value) in enumerate(items):
+            if isinstance(value, str):
+                results[i] = SliceResult(name, error=value)
+        chunk = self.predictor.batch_size
+        size = self.predictor.image_size
+        for start in range(0, len(good), chunk):
+            idx = good[start:start + chunk]
+            x = np.stack([to_model_input(items[i][1], size) for i in idx])  # type: ignore[arg-type]
+            with self._lock:  # per chunk, so single-image requests interleave with a long batch
+                t0 = time.perf_counter()
+                prediction = self.predictor.predict_arrays(x)
+                elapsed = (time.perf_counter() - t0) * 1000
+            for i, result in zip(idx, self._results([items[i][0] for i in idx], x, prediction, elapsed), strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
