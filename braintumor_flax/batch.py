@@ -82,7 +82,7 @@ def _zip_members(data: bytes | Path, label: str, budget: list[int]) -> Iterator[
                 yield BatchItem(inner, error=f"member is {info.file_size / 2**20:.0f} MB uncompressed; "
                                              f"the limit is {MAX_ZIP_MEMBER_BYTES / 2**20:.0f} MB")
                 continue
-            if budget[0] <= 0:
+            if info.file_size > budget[0]:
                 yield BatchItem(inner, error=f"archive total exceeds {MAX_ZIP_TOTAL_BYTES / 2**20:.0f} MB "
                                              "uncompressed; remaining members skipped")
                 return

@@ -38,6 +38,7 @@ def train_main(argv: list[str] | None = None) -> int:
     config = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         image_size=args.image_size, seed=args.seed, label_smoothing=args.label_smoothing,
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images)
+    from braintumor_flax.data import prepare
     from braintumor_flax.postprocess import finalize_pipeline
     from braintumor_flax.training import train_pipeline
 
@@ -45,9 +46,10 @@ def train_main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     print(f"recipe {config.recipe}: {json.dumps(config.to_dict())}")
     t0 = time.perf_counter()
+    data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
     pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
-                              view_from=args.view_from)
-    finalize_pipeline(pipeline, run_dir)
+                              view_from=args.view_from, data=data)
+    finalize_pipeline(pipeline, data)
     pipeline.save_pretrained(args.out)
     print(f"saved checkpoint to {args.out} after {time.perf_counter() - t0:.0f} s")
     if args.push_to_hub:

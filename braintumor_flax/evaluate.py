@@ -109,6 +109,17 @@ def _load_cached(path: Path) -> Logits | None:
         return None
 
 
+def _load_lower(path: Path | None, n: int) -> np.ndarray | None:
+    """Cached lower-block outputs (memory-mapped), or None when absent or of the wrong length."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return arr if len(arr) == n else None
+
+
 def _save_cached(path: Path, logits: Logits) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"tumor": logits.tumor} if logits.view is None else {"view": logits.view, "tumor": logits.tumor}
@@ -136,14 +147,15 @@ def _lower_fingerprint(model: Any) -> str:
 
 
 class MultiForward:
-    """Raw logits of several pipelines for the same images, in fixed-size batches (one compile).
+    """Raw logits of several pipelines for the same images, in fixed-size batches (one compile per stage).
 
     Blocks 1-4 are ~90 % of the compute at 128 px; with the faithful recipe they hold the ImageNet
-    weights in every model, so the ablation checkpoint costs only its upper blocks. Mirrors
-    `inference.Predictor`'s forward (a test checks the logits agree).
+    weights in every model, so each distinct set of lower blocks runs once per image for all checkpoints,
+    and its output can be passed in from a cache (`lowers`), leaving only the upper blocks to run.
+    Mirrors `inference.Predictor`'s forward (a test checks the logits agree).
     """
 
-    def __init__(self, pipelines: Sequence[BrainTumorPipeline], *, with_view: Sequence[bool], batch_size: int = 32):
+    def __init__(self, pipelines: Sequence[BrainTumorPipeline], *, with_view: Sequence[bool], batch_size: int = 16):
         import jax
         from flax import nnx
 
@@ -155,7 +167,7 @@ class MultiForward:
             raise ValueError(f"checkpoints disagree on image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
         models: list[Any] = []
-        plan: list[tuple[int, int, int, int, bool]] = []  # per pipeline: view model, view lower, tumor, lower
+        plan: list[tuple[int, int, int, int, bool]] = []  # per pipeline: view model, its lower, tumour, its lower
         lower_ids: dict[str, int] = {}
         lower_models: list[int] = []
         for p, view_needed in zip(pipelines, self.with_view, strict=True):
@@ -169,38 +181,70 @@ class MultiForward:
                 ids.append(lower_ids[fp])
                 models.append(model)
             plan.append((len(models) - 2, ids[0], len(models) - 1, ids[1], view_needed or needs_feature))
+        self.lower_fingerprints = list(lower_ids)  # in the order of the `lowers` argument of __call__
         self.n_lower = len(lower_models)
         graphs, states = zip(*(nnx.split(m) for m in models), strict=True)
 
+        def live(states):
+            return [nnx.merge(g, s) for g, s in zip(graphs, states, strict=True)]
+
+        def lower(states, images, which: int):
+            return live(states)[lower_models[which]].lower(images)
+
         @jax.jit
-        def forward(states, images):
-            live = [nnx.merge(g, s) for g, s in zip(graphs, states, strict=True)]
-            lowers = [live[i].lower(images) for i in lower_models]
+        def upper(states, lowers):
+            models = live(states)
             outs = []
             for view_i, view_lower, tumor_i, tumor_lower, run_view in plan:
-                view_logits, feature = live[view_i].from_lower(lowers[view_lower]) if run_view else (None, None)
-                tumor = live[tumor_i]
+                view_logits, feature = models[view_i].from_lower(lowers[view_lower]) if run_view else (None, None)
+                tumor = models[tumor_i]
                 outs.append((view_logits, tumor.from_lower(lowers[tumor_lower],
                                                            feature if tumor.config.use_view_feature else None)))
             return outs
 
-        self._forward = forward
+        self._lower = jax.jit(lower, static_argnums=2)  # one compiled function per distinct lower set
+        self._upper = upper
         self._states = tuple(states)
 
-    def __call__(self, images: np.ndarray, progress: Callable[[int, int], None] | None = None) -> list[Logits]:
+    def __call__(
+        self,
+        images: np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        lowers: Sequence[np.ndarray | None] | None = None,
+        keep_lowers: bool = False,
+    ) -> list[Logits]:
+        """Logits per pipeline. `lowers[k]`: precomputed output of lower set k (None = compute it).
+
+        With `keep_lowers`, the computed lower outputs are left in `self.last_lowers` (for a cache).
+        """
         import jax.numpy as jnp
 
         n = len(images)
+        given = list(lowers) if lowers is not None else [None] * self.n_lower
+        computed: list[list[np.ndarray]] = [[] for _ in range(self.n_lower)]
         parts: list[list[tuple[np.ndarray | None, np.ndarray]]] = []
         for start in range(0, n, self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            stop = min(start + self.batch_size, n)
             padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)  # pad: one compiled shape
-            padded[:len(chunk)] = chunk
-            outs = self._forward(self._states, jnp.asarray(padded))
-            parts.append([(None if v is None else np.asarray(v)[:len(chunk)], np.asarray(t)[:len(chunk)])
+            padded[:stop - start] = images[start:stop]
+            batch_lowers = []
+            for k in range(self.n_lower):
+                if given[k] is not None:
+                    cached = np.zeros((self.batch_size, *given[k].shape[1:]), np.float32)
+                    cached[:stop - start] = given[k][start:stop]
+                    batch_lowers.append(jnp.asarray(cached))
+                else:
+                    out = self._lower(self._states, jnp.asarray(padded), k)
+                    batch_lowers.append(out)
+                    if keep_lowers:
+                        computed[k].append(np.asarray(out)[:stop - start])
+            outs = self._upper(self._states, batch_lowers)
+            parts.append([(None if v is None else np.asarray(v)[:stop - start], np.asarray(t)[:stop - start])
                           for v, t in outs])
             if progress:
-                progress(min(start + self.batch_size, n), n)
+                progress(stop, n)
+        self.last_lowers = [np.concatenate(c) if c else None for c in computed] if keep_lowers else []
         results = []
         for i, want_view in enumerate(self.with_view):
             tumor = np.concatenate([p[i][1] for p in parts]) if parts else np.zeros((0, len(TUMOR_CLASSES)))
@@ -229,15 +273,22 @@ def predict_splits(
     entries: Sequence[tuple[str, Checkpoint, bool]],
     splits: dict[str, Split],
     *,
-    batch_size: int = 32,
+    jobs: Sequence[tuple[str, Sequence[tuple[str, Checkpoint, bool]]]] | None = None,
+    batch_size: int = 16,
     cache: Path | None = None,
 ) -> dict[str, dict[str, Logits]]:
-    """{entry name: {split name: Logits}} for entries (name, checkpoint, with view logits)."""
+    """{entry name: {split name: Logits}} for entries (name, checkpoint, with view logits).
+
+    `jobs` narrows which entries run on which split (default: all on all). Logits found in the cache are
+    read, the rest computed; one compiled forward is reused for every split with the same checkpoints.
+    """
     out: dict[str, dict[str, Logits]] = {name: {} for name, _, _ in entries}
-    for split_name, split in splits.items():
+    forwards: dict[tuple[str, ...], MultiForward] = {}
+    for split_name, job_entries in (jobs if jobs is not None else [(name, entries) for name in splits]):
+        split = splits[split_name]
         key = images_fingerprint(split.images)
         todo = []
-        for name, ckpt, with_view in entries:
+        for name, ckpt, with_view in job_entries:
             path = _cache_path(cache, ckpt.fingerprint, key, with_view) if cache else None
             hit = _load_cached(path) if path else None
             if hit is not None and len(hit.tumor) == len(split):
@@ -247,13 +298,28 @@ def predict_splits(
         if not todo:
             log(f"  {split_name}: {len(split)} images, logits from cache")
             continue
-        forward = MultiForward([t[1].pipeline for t in todo], with_view=[t[2] for t in todo], batch_size=batch_size)
-        log(f"  {split_name}: {len(split)} images × {len(todo)} checkpoint(s), "
-            f"{forward.n_lower} distinct lower trunk(s)")
-        for (name, _, _, path), logits in zip(todo, forward(split.images, _progress(split_name)), strict=True):
+        group = tuple(t[0] for t in todo)
+        if group not in forwards:
+            forwards[group] = MultiForward([t[1].pipeline for t in todo], with_view=[t[2] for t in todo],
+                                           batch_size=batch_size)
+        forward = forwards[group]
+        # Lower-block outputs depend only on the frozen weights and the pixels: a new checkpoint that shares
+        # them (the ablation, retrained heads) then costs only its upper blocks.
+        lower_paths = [cache / f"lower_{fp[:20]}_{key[:20]}.npy" if cache else None
+                       for fp in forward.lower_fingerprints]
+        lowers = [_load_lower(p, len(split)) for p in lower_paths]
+        log(f"  {split_name}: {len(split)} images × {len(todo)} checkpoint(s), {forward.n_lower} distinct lower "
+            f"trunk(s), {sum(x is not None for x in lowers)} from cache")
+        results = forward(split.images, _progress(split_name), lowers=lowers, keep_lowers=cache is not None)
+        for (name, _, _, path), logits in zip(todo, results, strict=True):
             out[name][split_name] = logits
             if path:
                 _save_cached(path, logits)
+        for path, computed in zip(lower_paths, forward.last_lowers, strict=False):
+            if path is not None and computed is not None:
+                tmp = path.with_name(path.name + ".tmp.npy")
+                np.save(tmp, computed.astype(np.float32))
+                tmp.replace(path)
     return out
 
 
@@ -295,9 +361,29 @@ def per_group_accuracy(
     return out
 
 
+def stored_temperatures(pipeline: BrainTumorPipeline, mode: str, dataset_hash_ok: bool) -> dict[str, Any] | None:
+    """Temperatures to use without fitting, or None when they must be fitted on the validation split now.
+
+    auto: reuse the checkpoint's own when they were fitted on the validation split of this same data
+    (training does that with `fit_temperature`), which saves running both models on ~1,800 images.
+    """
+    cal = pipeline.info.get("calibration") or {}
+    if mode == "none":
+        return {"view_temperature": 1.0, "tumor_temperature": 1.0, "fitted_on": "none",
+                "method": "none (raw softmax)"}
+    if mode == "checkpoint" or (mode == "auto" and dataset_hash_ok and "tumor_temperature" in cal
+                                and "validation" in str(cal.get("fitted_on", ""))):
+        return {"view_temperature": float(cal.get("view_temperature", 1.0)),
+                "tumor_temperature": float(cal.get("tumor_temperature", 1.0)),
+                "fitted_on": cal.get("fitted_on", "unknown"),
+                "method": cal.get("method", "temperature scaling (min NLL)"), "source": "checkpoint"}
+    return None
+
+
 def fit_temperatures(logits: dict[str, Logits], val: Split | None, view: bool) -> dict[str, Any]:
     """Temperatures from the validation split (never a test set)."""
-    out: dict[str, Any] = {"method": "temperature scaling (min NLL)", "fitted_on": "validation split"}
+    out: dict[str, Any] = {"method": "temperature scaling (min NLL)", "fitted_on": "validation split",
+                           "source": "fitted by evaluate"}
     if val is None or VAL_SPLIT not in logits:
         out.update(view_temperature=1.0, tumor_temperature=1.0, fitted_on="none (no validation split)")
         return out
@@ -375,7 +461,8 @@ def make_plots(out: Path, results: dict[str, Any], data: dict[tuple[str, str], t
                                       out / f"roc_{task}_{test_name}.png", aucs=aucs))
         diagrams = {"raw (T=1)": rep["reliability"]["raw"],
                     f"calibrated (T={rep['temperature']:.2f})": rep["reliability"]["calibrated"]}
-        written.append(plots.plot_reliability(diagrams, f"Reliability: {what}", out / f"reliability_{task}_{test_name}.png"))
+        written.append(plots.plot_reliability(diagrams, f"Reliability: {what}",
+                                              out / f"reliability_{task}_{test_name}.png"))
     brisc = results["tumor"].get("brisc2025_test", {})
     if "per_plane" in brisc:
         series = {"with view feature": brisc["per_plane"]}
@@ -384,7 +471,11 @@ def make_plots(out: Path, results: dict[str, Any], data: dict[tuple[str, str], t
         written.append(plots.plot_grouped_accuracy(series, "Tumour accuracy per true plane, BRISC test",
                                                    out / "tumor_accuracy_per_plane.png"))
     if ablation:
-        series = {"with view feature": results["tumor"], "without view feature (ablation)": ablation["tumor"]}
+        from braintumor_flax.readme_table import TEST_SET_NAMES
+
+        series = {label: {TEST_SET_NAMES.get(k, k): v for k, v in by_set.items()}
+                  for label, by_set in (("with view feature", results["tumor"]),
+                                        ("without view feature (ablation)", ablation["tumor"]))}
         written.append(plots.plot_grouped_accuracy(series, "Ablation: tumour model with vs without the view feature",
                                                    out / "ablation_tumor_accuracy.png"))
     return [Path(p).name for p in written]
@@ -403,10 +494,21 @@ def checkpoint_metrics(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """NaN (e.g. an AUC with no positives) → null, so the files are strict JSON that any parser reads."""
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, data: Any) -> None:
     # Same format as braintumor_flax.hub writes, so a later save_pretrained produces identical files.
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_to_checkpoint(folder: str | Path, pipeline: BrainTumorPipeline, calibration_info: dict[str, Any],
@@ -420,7 +522,7 @@ def write_to_checkpoint(folder: str | Path, pipeline: BrainTumorPipeline, calibr
     pipeline.info["calibration"] = {k: calibration_info[k] for k in
                                     ("view_temperature", "tumor_temperature", "fitted_on", "method")
                                     if k in calibration_info}
-    pipeline.metrics = checkpoint_metrics(results)
+    pipeline.metrics = json_safe(checkpoint_metrics(results))
     _write_json(folder / "config.json", pipeline.config_dict())
     _write_json(folder / "metrics.json", pipeline.metrics)
     for task in ("view", "tumor"):
@@ -501,7 +603,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         abl_hash = _training_split_params(ablation_ckpt.pipeline)[2]
         if abl_hash and abl_hash != prepared.dataset_hash:
             warnings.append("the ablation checkpoint was trained on a different dataset hash than evaluated here")
-    wanted = [VAL_SPLIT, *TEST_SETS.values()] if args.calibration == "fit" else list(TEST_SETS.values())
+    hash_ok = not train_hash or train_hash == prepared.dataset_hash
+    stored = {"main": stored_temperatures(main_ckpt.pipeline, args.calibration, hash_ok)}
+    if ablation_ckpt is not None:
+        stored["ablation"] = stored_temperatures(ablation_ckpt.pipeline, args.calibration, hash_ok)
+    need_val = [name for name, temps in stored.items() if temps is None]
+    wanted = [VAL_SPLIT, *TEST_SETS.values()] if need_val else list(TEST_SETS.values())
     splits = {name: stratified_subset(prepared.splits[name], args.limit, args.seed)
               for name in wanted if name in prepared.splits and len(prepared.splits[name])}
     for name in TEST_SETS.values():
@@ -516,21 +623,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if ablation_ckpt is not None:
         entries.append(("ablation", ablation_ckpt, False))
     log("computing logits")
-    logits = predict_splits(entries, splits, batch_size=args.batch_size,
-                            cache=None if args.no_cache else cache_dir("predictions"))
+    cache = None if args.no_cache else cache_dir("predictions")
+    # Only the checkpoints whose temperatures are (re)fitted need validation logits.
+    jobs = [(split_name, [e for e in entries if split_name != VAL_SPLIT or e[0] in need_val])
+            for split_name in splits]
+    logits = predict_splits(entries, splits, jobs=jobs, batch_size=args.batch_size, cache=cache)
     timings["inference_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if args.calibration == "fit":
-        temps = fit_temperatures(logits["main"], splits.get(VAL_SPLIT), view=True)
-    else:
-        stored = main_ckpt.pipeline.info.get("calibration", {})
-        temps = {"view_temperature": float(stored.get("view_temperature", 1.0)),
-                 "tumor_temperature": float(stored.get("tumor_temperature", 1.0)),
-                 "fitted_on": stored.get("fitted_on", "unknown") if args.calibration == "checkpoint" else "none",
-                 "method": "temperatures read from the checkpoint"}
-        if args.calibration == "none":
-            temps.update(view_temperature=1.0, tumor_temperature=1.0, method="none (raw softmax)")
+    temps = stored["main"] or fit_temperatures(logits["main"], splits.get(VAL_SPLIT), view=True)
     previous = main_ckpt.pipeline.info.get("calibration")
     results: dict[str, Any] = evaluate_pipeline(logits["main"], splits, temps, view=True,
                                                 n_resamples=args.bootstrap, seed=args.seed)
@@ -538,8 +639,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ablation_result = None
     if ablation_ckpt is not None:
-        abl_temps = (fit_temperatures(logits["ablation"], splits.get(VAL_SPLIT), view=False)
-                     if args.calibration == "fit" else {"tumor_temperature": 1.0})
+        abl_temps = stored["ablation"] or fit_temperatures(logits["ablation"], splits.get(VAL_SPLIT), view=False)
         abl = evaluate_pipeline(logits["ablation"], splits, {**abl_temps, "view_temperature": 1.0}, view=False,
                                 n_resamples=args.bootstrap, seed=args.seed)
         comparison = {}
@@ -608,7 +708,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    f"{jax.devices()[0].platform}",
         "git_commit": _git_commit(),
     }
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=False, allow_nan=True) + "\n")
+    results = json_safe(results)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
 
     if args.write_checkpoint and Path(args.checkpoint).is_dir():  # never a Hub snapshot
         write_to_checkpoint(main_ckpt.folder, main_ckpt.pipeline, temps, results)
@@ -627,19 +728,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The headline numbers for the terminal (JSON nulls print as '–')."""
+    from braintumor_flax.readme_table import _num, _with_ci
+
     lines = []
     for task in ("view", "tumor"):
         for name, r in results.get(task, {}).items():
-            ci = r.get("accuracy_ci95") or [float("nan")] * 2
-            lines.append(f"{task:>5} {name:<15} n={r['n']:<5} acc {r['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
-                         f"macro-F1 {r['macro_f1']:.3f} AUC {r['macro_auc']:.3f} "
-                         f"ECE {r['ece_raw']:.3f} -> {r['ece_calibrated']:.3f} (T={r['temperature']:.2f})")
+            lines.append(f"{task:>5} {name:<15} n={r['n']:<5} acc {_with_ci(r['accuracy'], r.get('accuracy_ci95'))} "
+                         f"macro-F1 {_num(r['macro_f1'])} AUC {_num(r['macro_auc'])} ECE {_num(r['ece_raw'])} -> "
+                         f"{_num(r['ece_calibrated'])} (T={_num(r['temperature'], '.2f')})")
     abl = results.get("ablation")
     if abl:
         for name, c in abl["comparison"].items():
-            ci = c.get("difference_ci95") or [float("nan")] * 2
-            lines.append(f"ablation {name:<15} with {c['accuracy_a']:.3f} vs without {c['accuracy_b']:.3f}: "
-                         f"diff {c['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], McNemar p={c['mcnemar_p']:.3g}")
+            lines.append(f"ablation {name:<15} with {_num(c['accuracy_a'])} vs without {_num(c['accuracy_b'])}: "
+                         f"diff {_with_ci(c['difference'], c.get('difference_ci95'), '+.3f')}, "
+                         f"McNemar p={_num(c['mcnemar_p'], '.3g')}")
     return lines
 
 
@@ -655,10 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a second checkpoint (tumour model without the view feature) evaluated side by side")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and of --limit's subsample)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--calibration", choices=("fit", "checkpoint", "none"), default="fit",
-                    help="fit temperatures on the validation split, reuse the checkpoint's (skips val inference), "
-                         "or report raw probabilities only")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--calibration", choices=("auto", "fit", "checkpoint", "none"), default="auto",
+                    help="fit: fit temperatures on the validation split now; checkpoint: use the checkpoint's; "
+                         "auto: the checkpoint's if they were fitted on this data's validation split, else fit; "
+                         "none: raw probabilities")
     ap.add_argument("--limit", type=int, default=None, help="at most N images per split (quick runs, tests)")
     ap.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     ap.add_argument("--no-plots", action="store_true")
@@ -671,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from braintumor_flax.xla_flags import configure_xla_cpu
 
-    configure_xla_cpu()  # before jax is imported: XLA's own CPU convolutions are ~2x faster on this machine
+    if "jax" not in sys.modules:  # XLA reads its flags once, when jax starts
+        configure_xla_cpu()  # XLA's own CPU convolutions are ~2x faster than its default here
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

@@ -33,6 +33,7 @@ class Explained:
     view_feature: np.ndarray  # [N, 128]
     cam: np.ndarray  # [N, h, w], >= 0, not normalised
     target: np.ndarray  # [N] class index the map explains
+    lower_pooled: np.ndarray  # [N, 512] spatial mean of the shared lower blocks' output (the OOD feature)
 
 
 class GradCAM:
@@ -63,7 +64,7 @@ class GradCAM:
             (grads,) = pullback(jax.nn.one_hot(chosen, tumor_logits.shape[-1], dtype=tumor_logits.dtype))
             channel_weights = grads.mean(axis=(1, 2), keepdims=True)
             cam = jax.nn.relu((channel_weights * last_conv).sum(axis=-1))
-            return view_logits, tumor_logits, feature, cam, chosen
+            return view_logits, tumor_logits, feature, cam, chosen, lower.mean(axis=(1, 2))
 
         self._states = (view_state, tumor_state)
         self._explain = explain
@@ -76,8 +77,9 @@ class GradCAM:
         if target is None:
             target = np.full((len(images),), -1, np.int32)
         outs = self._explain(*self._states, jnp.asarray(images), jnp.asarray(target, jnp.int32))
-        view_logits, tumor_logits, feature, cam, chosen = (np.asarray(o) for o in outs)
-        return Explained(view_logits, tumor_logits, feature.astype(np.float32), cam.astype(np.float32), chosen)
+        view_logits, tumor_logits, feature, cam, chosen, pooled = (np.asarray(o) for o in outs)
+        return Explained(view_logits, tumor_logits, feature.astype(np.float32), cam.astype(np.float32), chosen,
+                         pooled.astype(np.float32))
 
     def warm_up(self) -> None:
         self(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))

@@ -108,9 +108,12 @@ class Predictor:
 
     # --- added for the app (issue 4): Grad-CAM in the same compiled call as the forward pass ---------
 
-    def explain_arrays(self, images: np.ndarray, target: np.ndarray | None = None) -> tuple[Prediction, np.ndarray]:
-        """`predict_arrays` plus one coarse Grad-CAM map [N, h, w] per image for the predicted tumour class
-        (or `target`); see `braintumor_flax.gradcam`. Compiled once per batch shape, like `predict_arrays`."""
+    def explain_arrays(
+        self, images: np.ndarray, target: np.ndarray | None = None
+    ) -> tuple[Prediction, np.ndarray, np.ndarray]:
+        """`predict_arrays` plus, per image, a coarse Grad-CAM map [N, h, w] for the predicted tumour class (or
+        `target`; see `braintumor_flax.gradcam`) and the spatial mean of the shared lower blocks' output
+        [N, 512] (the OOD check's feature). Compiled once per batch shape, like `predict_arrays`."""
         from braintumor_flax.gradcam import GradCAM
 
         gradcam = getattr(self, "_gradcam", None)
@@ -129,11 +132,12 @@ class Predictor:
             chunk_targets = np.full((size,), -1, np.int32)
             chunk_targets[: len(chunk)] = targets[start : start + self.batch_size]
             out = gradcam(padded, chunk_targets)
-            parts.append([a[: len(chunk)] for a in (out.view_logits, out.tumor_logits, out.view_feature, out.cam)])
+            parts.append([a[: len(chunk)] for a in (out.view_logits, out.tumor_logits, out.view_feature, out.cam,
+                                                     out.lower_pooled)])
         if not parts:
             side = self.image_size // 16
-            return self.predict_arrays(images), np.zeros((0, side, side), np.float32)
-        view_logits, tumor_logits, feature, cams = (np.concatenate(p) for p in zip(*parts, strict=True))
+            return self.predict_arrays(images), np.zeros((0, side, side), np.float32), np.zeros((0, 512), np.float32)
+        view_logits, tumor_logits, feature, cams, pooled = (np.concatenate(p) for p in zip(*parts, strict=True))
         prediction = Prediction(
             view_probs=softmax_with_temperature(view_logits, self.view_temperature),
             tumor_probs=softmax_with_temperature(tumor_logits, self.tumor_temperature),
@@ -141,7 +145,7 @@ class Predictor:
             view_logits=view_logits,
             tumor_logits=tumor_logits,
         )
-        return prediction, cams
+        return prediction, cams, pooled
 
     def warm_up_explain(self) -> None:
         """Compile the Grad-CAM path for single images now (the app's interactive case)."""

@@ -43,25 +43,22 @@ built from figshare (Cheng et al.), SARTAJ and Br35H.
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown table of accuracy / macro-F1 per model and test set, from a metrics JSON."""
-    rows = []
-    for task in ("view", "tumor"):
-        for test_set, m in sorted(metrics.get(task, {}).items()):
-            if not isinstance(m, dict) or "accuracy" not in m:
-                continue
-            acc = m["accuracy"]
-            ci = m.get("accuracy_ci95")
-            ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            nan = float("nan")
-            rows.append(
-                f"| {task} | {test_set} | {m.get('n', '')} | {acc:.3f}{ci_text} | {m.get('macro_f1', nan):.3f} "
-                f"| {m.get('macro_auc', nan):.3f} | {m.get('ece_calibrated', nan):.3f} |"
-            )
-    if not rows:
-        return "_Not evaluated yet._"
-    header = ("| model | test set | n | accuracy [95% CI] | macro F1 | macro ROC-AUC | ECE (calibrated) |\n"
-              "|---|---|---|---|---|---|---|")
-    return header + "\n" + "\n".join(rows)
+    """Markdown tables from a metrics JSON (written by `braintumor_flax.evaluate`): per model and test set
+    accuracy / macro-F1 / macro AUC with 95 % bootstrap CIs and ECE before → after temperature scaling, then
+    tumour accuracy per plane and the view-feature ablation when they were measured."""
+    from braintumor_flax.readme_table import ablation_table, main_table, per_plane_table
+
+    parts = [main_table(metrics)]
+    calib = metrics.get("calibration", {})
+    if calib.get("tumor_temperature") is not None:
+        parts.append(f"Calibrated by temperature scaling on the {calib.get('fitted_on', 'validation split')} "
+                     f"(view T = {calib.get('view_temperature', 1.0):.2f}, tumour T = "
+                     f"{calib.get('tumor_temperature', 1.0):.2f}).")
+    for title, table in (("Tumour accuracy per view plane (BRISC test)", per_plane_table(metrics)),
+                         ("Ablation: tumour model with vs without the view feature", ablation_table(metrics))):
+        if table:
+            parts.append(f"**{title}**\n\n{table}")
+    return "\n\n".join(parts)
 
 
 def render_model_card(config: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -6,11 +6,14 @@ Two cheap, explainable tests; an image is flagged when either fails:
    JPEG noise) and has almost no near-white pixels. A colour picture (mean chroma above the limit) or a
    page with a white background (share of near-white pixels above the limit) is flagged. Limits are the
    training set's extremes plus a margin, stored with the checkpoint.
-2. **Feature distance**: the view model's 128-d feature (its penultimate layer) is compared with the
-   training slices' features by the Mahalanobis distance to the nearest view-plane class mean, with one
-   shared, shrunk covariance (Lee et al., 2018). The limit is a high quantile (default 99 %) of the same
-   distance on held-out MRI slices, so by construction about 1 % of in-distribution slices exceed it;
-   the reported score is distance / limit (> 1 = flagged).
+2. **Feature distance**: the 512-d spatial mean of the shared lower VGG blocks' output (blocks 1-4, frozen
+   ImageNet filters: generic texture/shape detectors, computed anyway) is compared with the training
+   slices' by the Mahalanobis distance to the nearest class mean (one mean unless labels are given), with
+   one shared covariance shrunk towards a scaled identity (Lee et al., 2018). The limit is a high quantile
+   (default 99 %) of the same distance on held-out MRI slices, so by construction about 1 % of
+   in-distribution slices exceed it; the reported score is distance / limit (> 1 = flagged). The view
+   model's 128-d feature can be used instead (`feature="view_feature"`), but it was trained only to tell
+   planes apart and misses grey non-MRI images (measured in benchmarks/eval_ood.py).
 
 `fit_ood(...)` computes the statistics once (the lead calls it at the end of training; they are stored in
 the checkpoint's `config.json` under `info["ood"]`); `ood_score(...)` / `OODDetector` apply them.
@@ -33,6 +36,7 @@ IMAGE_STAT_NAMES = ("colour", "white_fraction")
 # Fallback limits when a checkpoint carries no fitted statistics (measured on the training split of
 # BRISC 2025 + Kaggle at 128 px: max chroma 0.0, white fraction 99.9th percentile 0.10, max 0.14).
 DEFAULT_IMAGE_LIMITS = {"colour": 0.04, "white_fraction": 0.25}
+LOWER_DIM = 512  # channels of VGG16 block 4: the width of the lower-block OOD feature
 WHITE_LEVEL = 230  # min(R, G, B) at or above this counts as near-white (paper, screenshots)
 
 
@@ -48,6 +52,11 @@ def image_statistics(images: np.ndarray, *, chunk: int = 512) -> np.ndarray:
         out[start:start + chunk, 0] = (hi.astype(np.float32) - lo).mean(axis=(1, 2)) / 255.0
         out[start:start + chunk, 1] = (lo >= WHITE_LEVEL).mean(axis=(1, 2))
     return out
+
+
+def pool_lower(lower_outputs: np.ndarray) -> np.ndarray:
+    """[N, h, w, 512] output of the shared lower blocks → [N, 512] OOD features (spatial mean)."""
+    return np.asarray(lower_outputs, np.float32).mean(axis=(1, 2))
 
 
 def _round(a: np.ndarray, digits: int = 7) -> Any:
@@ -71,20 +80,27 @@ def fit_ood(
     image_stats: np.ndarray | None = None,
     false_alarm_rate: float = 0.01,
     shrinkage: float = 0.1,
+    feature: str | None = None,
 ) -> dict[str, Any]:
     """Statistics for `info["ood"]` from training-set view features (and images).
 
-    features: float [N, D] view features of the training slices. labels: int [N] view-plane index
-    (-1 = unknown) for class-conditional means; None = one global mean. calibration_features: features of
+    features: float [N, D] of the training slices: `lower_gap` = the [N, 8, 8, 512] output of the shared
+    lower blocks averaged over space (`pool_lower`; training caches that output anyway), or the view
+    features (then say `feature="view_feature"`). labels: int [N] class index (-1 = unknown) for
+    class-conditional means; None = one global mean. calibration_features: features of
     held-out slices (the validation split) to set the limit on; without them the training features are
     used, which sets a tighter limit (more false alarms). images / image_stats: training model inputs (or
     `image_statistics` of them) to fit the image limits; else the defaults are kept.
+    feature: which features these are, "lower_gap" or "view_feature"; None = from their width (512 = the
+    lower blocks' channels, anything else = view features), so older callers keep working.
     shrinkage: weight of the scaled identity blended into the covariance (ReLU features have dead units,
     so the raw covariance is singular).
     """
     x = np.asarray(features, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need features [N >= 2, D], got {x.shape}")
+    if feature is None:
+        feature = "lower_gap" if x.shape[1] == LOWER_DIM else "view_feature"
     labels = np.zeros(len(x), np.int64) if labels is None else np.asarray(labels, np.int64)
     if not np.any(labels >= 0):
         labels = np.zeros(len(x), np.int64)
@@ -111,7 +127,7 @@ def fit_ood(
     return {
         "format": OOD_FORMAT,
         "method": "mahalanobis_min_class_tied_cov+image_stats",
-        "feature": "view_feature",
+        "feature": feature,
         "feature_dim": int(x.shape[1]),
         "n_fit": int(len(x)),
         "n_calibration": int(len(calib)),
@@ -149,6 +165,10 @@ class OODDetector:
         self.stats = stats
         self.limits = {**DEFAULT_IMAGE_LIMITS, **stats.get("image_limits", {})}
         self.has_features = "precision" in stats
+        self.feature = stats.get("feature", "lower_gap")
+        if self.has_features and np.asarray(stats["means"]).shape[-1] != (LOWER_DIM if self.feature == "lower_gap"
+                                                                          else np.asarray(stats["means"]).shape[-1]):
+            raise ValueError("OOD statistics: 'feature' says lower_gap but the means are not 512-d")
         if self.has_features:
             self.means = np.asarray(stats["means"], np.float64)
             self.precision = np.asarray(stats["precision"], np.float64)
@@ -163,7 +183,8 @@ class OODDetector:
         return _mahalanobis_min(feats, self.means, self.precision) / self.distance_limit
 
     def __call__(self, features: np.ndarray | None, images: np.ndarray) -> list[OODResult]:
-        """features: [N, D] view features (ignored without fitted statistics); images: uint8 [N, S, S, 3]."""
+        """features: [N, D] of the kind `self.feature` names (ignored without fitted statistics);
+        images: uint8 [N, S, S, 3] model inputs."""
         stats = image_statistics(images)
         fscores = self.feature_scores(features) if self.has_features and features is not None else None
         results = []
@@ -179,7 +200,7 @@ class OODDetector:
                                f"(MRI slices: at most {self.limits['white_fraction']:.0%})")
             fscore = None if fscores is None else float(fscores[i])
             if fscore is not None and fscore > 1:
-                reasons.append(f"the model's features are unlike the training MRI slices (distance "
+                reasons.append(f"its image features are unlike the training MRI slices (distance "
                                f"{fscore:.1f}x the limit that {1 - self.stats.get('false_alarm_rate', 0.01):.0%} "
                                "of held-out MRI slices stay under)")
             score = max(colour_score, white_score, fscore if fscore is not None else 0.0)
@@ -197,22 +218,17 @@ def ood_score(features: np.ndarray | None, ood: dict[str, Any] | None, *, images
 # CLI: fit for an existing checkpoint, or measure false alarms / detection
 
 
-def _features(predictor: Any, images: np.ndarray) -> np.ndarray:
-    return predictor.predict_arrays(images).view_feature
-
-
 def fit_for_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Training features (train split) + held-out calibration (val split) of the prepared shared data."""
+    """Lower-block features of the prepared training split, limit calibrated on the validation split."""
     from braintumor_flax.data import prepare
     from braintumor_flax.inference import Predictor
 
     predictor = Predictor.from_pretrained(checkpoint)
     data = prepare(data_dir, image_size=predictor.image_size)
     train, val = data.splits["train"], data.splits["val"]
-    prediction = predictor.predict_arrays(train.images)
-    # Group by the *predicted* plane: the Kaggle half of the training data has no plane labels.
-    return fit_ood(prediction.view_feature, prediction.view_probs.argmax(axis=1),
-                   calibration_features=_features(predictor, val.images), images=train.images, **kwargs)
+    train_pooled = predictor.explain_arrays(train.images)[2]
+    val_pooled = predictor.explain_arrays(val.images)[2]
+    return fit_ood(train_pooled, None, calibration_features=val_pooled, images=train.images, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,14 +117,15 @@ def plot_grouped_accuracy(groups: dict[str, dict[str, dict[str, Any]]], title: s
             lo.append(acc - ci[0])
             hi.append(ci[1] - acc)
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=name)
-        for bar, v in zip(bars, vals, strict=True):
-            if np.isfinite(v):
-                ax.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{v:.3f}", ha="center", va="bottom",
-                        fontsize=8, rotation=90, color="white")
+        for bar, v, top in zip(bars, vals, hi, strict=True):
+            if np.isfinite(v):  # value just above the whisker, where it never hides behind another bar
+                ax.text(bar.get_x() + bar.get_width() / 2, v + top + 0.01, f"{v:.3f}", ha="center", va="bottom",
+                        fontsize=7)
     ax.set_xticks(x, labels)
-    ax.set_ylim(0, 1.0)
+    ax.set_ylim(0, 1.18)  # head-room for the labels and the legend above accuracies near 1
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", ncol=len(series), frameon=False)
     return _save(fig, path)

@@ -14,12 +14,14 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
+from flax import nnx
 
-from braintumor_flax import __version__
+from braintumor_flax import __version__, hub
 from braintumor_flax.gradcam import gradcam_overlay
-from braintumor_flax.hub import flat_params
+from braintumor_flax.hub import BrainTumorPipeline, flat_params
 from braintumor_flax.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.inference import Predictor, resolve_model_source
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
@@ -101,6 +103,24 @@ class SliceResult:
         return out
 
 
+def load_pipeline(source: str | Path) -> BrainTumorPipeline:
+    """`BrainTumorPipeline.from_pretrained` without the random initialisation it then overwrites.
+
+    Building a VGG16 model runs its random initialisers eagerly: ~9-18 s per model on a 2-core CPU, i.e.
+    most of the app's cold start. Here the models are built abstractly (shapes only, `nnx.eval_shape`)
+    and every parameter is filled from the checkpoint (`load_flat_params` refuses a missing one), so the
+    result is the same pipeline in well under a second. (Asked for in hub.load_folder itself; until then
+    the swap is confined to this call.)
+    """
+    real_build = hub.build_model
+
+    def abstract_build(config: Any, **kwargs: Any) -> Any:
+        return nnx.eval_shape(lambda: real_build(config, **kwargs))
+
+    with mock.patch.object(hub, "build_model", abstract_build):
+        return BrainTumorPipeline.from_pretrained(source)
+
+
 def checkpoint_fingerprint(predictor: Predictor) -> str:
     """12 hex digits over every parameter of both models: changes exactly when the weights do."""
     h = hashlib.sha256()
@@ -126,19 +146,26 @@ class BrainTumorService:
             f" / {recipe}" if recipe else "")
 
     @classmethod
-    def from_pretrained(cls, source: str | Path | None = None, *, warm_up: bool = True, **kwargs: Any):
-        """Checkpoint folder or Hub repo id; default $BRAINTUMOR_FLAX_MODEL, else ./checkpoints."""
+    def from_pretrained(cls, source: str | Path | None = None, *, warm_up: bool = True, batch_size: int = 8,
+                        **kwargs: Any):
+        """Checkpoint folder or Hub repo id; default $BRAINTUMOR_FLAX_MODEL, else ./checkpoints.
+
+        batch_size 8: batches are padded to it, so a small batch request does not pay for 16 images.
+        """
         resolved = resolve_model_source(source)
-        service = cls(Predictor.from_pretrained(resolved), source=resolved, **kwargs)
+        service = cls(Predictor(load_pipeline(resolved), batch_size=batch_size), source=resolved, **kwargs)
         if warm_up:
             service.warm_up()
         return service
 
     def warm_up(self) -> None:
-        """Compile the single-image Grad-CAM path and the padded batch path before the first request."""
-        size = self.predictor.image_size
+        """Compile the single-image path (Grad-CAM included) that the first request will use."""
         self.predictor.warm_up_explain()
-        self.predictor.predict_arrays(np.zeros((2, size, size, 3), np.uint8))
+
+    def warm_up_batch(self) -> None:
+        """Compile the padded batch path (the app runs this in the background once it is serving)."""
+        size = self.predictor.image_size
+        self.predictor.explain_arrays(np.zeros((2, size, size, 3), np.uint8))
 
     # -- decoding ---------------------------------------------------------------------------------
 
@@ -156,8 +183,10 @@ class BrainTumorService:
 
     # -- analysis ---------------------------------------------------------------------------------
 
-    def _results(self, names: list[str], images: np.ndarray, prediction: Any, elapsed_ms: float) -> list[SliceResult]:
-        oods = self.ood(prediction.view_feature, images)
+    def _results(self, names: list[str], images: np.ndarray, prediction: Any, pooled: np.ndarray,
+                 elapsed_ms: float) -> list[SliceResult]:
+        features = pooled if self.ood.feature == "lower_gap" else prediction.view_feature
+        oods = self.ood(features, images)
         return [
             SliceResult(name, dict(zip(PLANES, map(float, prediction.view_probs[i]), strict=True)),
                         dict(zip(TUMOR_CLASSES, map(float, prediction.tumor_probs[i]), strict=True)),
@@ -170,13 +199,12 @@ class BrainTumorService:
         x = to_model_input(rgb, self.predictor.image_size)[None]
         with self._lock:
             start = time.perf_counter()
-            if gradcam:
-                prediction, cams = self.predictor.explain_arrays(x)
-            else:
-                prediction, cams = self.predictor.predict_arrays(x), None
+            # One compiled single-image program serves both: the Grad-CAM's extra backward pass through
+            # the small head costs little, a second compiled batch-1 forward would cost compile time and RAM.
+            prediction, cams, pooled = self.predictor.explain_arrays(x)
             elapsed = (time.perf_counter() - start) * 1000
-        result = self._results([name], x, prediction, elapsed)[0]
-        if cams is not None and not result.is_ood:
+        result = self._results([name], x, prediction, pooled, elapsed)[0]
+        if gradcam and not result.is_ood:
             result.overlay = gradcam_overlay(rgb, cams[0])
         return result
 
@@ -197,8 +225,10 @@ class BrainTumorService:
             x = np.stack([to_model_input(items[i][1], size) for i in idx])  # type: ignore[arg-type]
             with self._lock:  # per chunk, so single-image requests interleave with a long batch
                 t0 = time.perf_counter()
-                prediction = self.predictor.predict_arrays(x)
+                # The explaining program also yields the OOD feature; a lone image reuses the single-image one.
+                prediction, _, pooled = self.predictor.explain_arrays(x)
                 elapsed = (time.perf_counter() - t0) * 1000
-            for i, result in zip(idx, self._results([items[i][0] for i in idx], x, prediction, elapsed), strict=True):
+            names = [items[i][0] for i in idx]
+            for i, result in zip(idx, self._results(names, x, prediction, pooled, elapsed), strict=True):
                 results[i] = result
         return [r for r in results if r is not None]

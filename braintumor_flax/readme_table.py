@@ -1,0 +1,229 @@
+"""README results table and model card, generated from `results/metrics.json` — never typed by hand.
+
+    python -m braintumor_flax.readme_table [--metrics results/metrics.json] [--readme README.md]
+                                           [--checkpoint checkpoints] [--check]
+
+The README keeps the generated block between `<!-- results:start -->` and `<!-- results:end -->`;
+`--check` exits 1 when that block (or the model card) is out of date, so CI can catch hand edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+TEST_SET_NAMES = {"brisc2025_test": "BRISC 2025 test", "kaggle_test": "Kaggle Testing"}
+TASK_NAMES = {"view": "view plane (model 1)", "tumor": "tumour class (model 2)"}
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, fmt)
+
+
+def _with_ci(value: Any, ci: Any, fmt: str = ".3f") -> str:
+    text = _num(value, fmt)
+    if ci and len(ci) == 2 and all(c is not None and not math.isnan(c) for c in ci):
+        text += f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+    return text
+
+
+def main_table(metrics: dict[str, Any]) -> str:
+    """Per model × test set: n, accuracy, macro-F1, macro AUC (95 % CIs), ECE before → after scaling."""
+    rows = []
+    for task in ("view", "tumor"):
+        for test_set, m in metrics.get(task, {}).items():
+            if not isinstance(m, dict) or "accuracy" not in m:
+                continue
+            ece = f"{_num(m.get('ece_raw'))} → {_num(m.get('ece_calibrated'))}" if "ece_raw" in m else "–"
+            rows.append(f"| {TASK_NAMES.get(task, task)} | {TEST_SET_NAMES.get(test_set, test_set)} | {m.get('n', '')} "
+                        f"| {_with_ci(m['accuracy'], m.get('accuracy_ci95'))} "
+                        f"| {_with_ci(m.get('macro_f1'), m.get('macro_f1_ci95'))} "
+                        f"| {_with_ci(m.get('macro_auc'), m.get('macro_auc_ci95'))} | {ece} |")
+    if not rows:
+        return "_Not evaluated yet._"
+    header = ("| model | test set | n | accuracy [95% CI] | macro F1 [95% CI] | macro ROC-AUC [95% CI] "
+              "| ECE raw → calibrated |\n|---|---|---|---|---|---|---|")
+    return header + "\n" + "\n".join(rows)
+
+
+def per_class_table(metrics: dict[str, Any]) -> str:
+    """Recall / precision / F1 of each tumour class on each test set."""
+    tumor = {k: v for k, v in metrics.get("tumor", {}).items() if isinstance(v, dict) and "per_class" in v}
+    if not tumor:
+        return ""
+    lines = ["| test set | class | n | precision | recall | F1 | ROC-AUC |", "|---|---|---|---|---|---|---|"]
+    for test_set, m in tumor.items():
+        for name, c in m["per_class"].items():
+            lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {name} | {c.get('support', '')} "
+                         f"| {_num(c.get('precision'))} | {_num(c.get('recall'))} | {_num(c.get('f1'))} "
+                         f"| {_num(c.get('auc'))} |")
+    return "\n".join(lines)
+
+
+def per_plane_table(metrics: dict[str, Any]) -> str:
+    """Tumour accuracy per true plane on BRISC test, with and (if evaluated) without the view feature."""
+    main = metrics.get("tumor", {}).get("brisc2025_test", {}).get("per_plane")
+    if not main:
+        return ""
+    abl = (metrics.get("ablation") or {}).get("tumor", {}).get("brisc2025_test", {}).get("per_plane", {})
+    header = "| plane | n | with view feature |" + (" without view feature |" if abl else "")
+    lines = [header, "|---|---|---|" + ("---|" if abl else "")]
+    for plane, m in main.items():
+        row = f"| {plane} | {m['n']} | {_with_ci(m['accuracy'], m.get('accuracy_ci95'))} |"
+        if abl:
+            a = abl.get(plane, {})
+            row += f" {_with_ci(a.get('accuracy'), a.get('accuracy_ci95'))} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def ablation_table(metrics: dict[str, Any]) -> str:
+    """Paired comparison of the tumour model with vs without the view feature on the same images."""
+    comparison = (metrics.get("ablation") or {}).get("comparison", {})
+    if not comparison:
+        return ""
+    lines = ["| test set | n | with view feature | without | difference [paired 95% CI] | McNemar p |",
+             "|---|---|---|---|---|---|"]
+    for test_set, c in comparison.items():
+        lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {c['n']} | {_num(c['accuracy_a'])} "
+                     f"| {_num(c['accuracy_b'])} | {_with_ci(c['difference'], c.get('difference_ci95'), '+.3f')} "
+                     f"| {_num(c.get('mcnemar_p'), '.3g')} |")
+    return "\n".join(lines)
+
+
+def peer_table(peer: dict[str, Any] | None) -> str:
+    """Ours vs the `detect-tumor` package on the same deduplicated test sets (from benchmarks/bench_peer.py)."""
+    if not peer or not peer.get("test_sets"):
+        return ""
+    lines = ["| test set | model | n | accuracy [95% CI] | macro F1 | median latency / image |",
+             "|---|---|---|---|---|---|"]
+    for test_set, by_model in peer["test_sets"].items():
+        for model, m in by_model.items():
+            latency = m.get("latency_ms", {}).get("median")
+            lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {model} | {m.get('n', '')} "
+                         f"| {_with_ci(m.get('accuracy'), m.get('accuracy_ci95'))} | {_num(m.get('macro_f1'))} "
+                         f"| {_num(latency, '.0f') + ' ms' if latency is not None else '–'} |")
+    return "\n".join(lines)
+
+
+def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> str:
+    """The whole generated block: tables plus where the numbers came from."""
+    meta = metrics.get("meta", {})
+    calib = metrics.get("calibration", {})
+    parts = [main_table(metrics)]
+    if calib:
+        parts.append(f"Probabilities are temperature-scaled (view T = {_num(calib.get('view_temperature'), '.2f')}, "
+                     f"tumour T = {_num(calib.get('tumor_temperature'), '.2f')}, fitted on the "
+                     f"{calib.get('fitted_on', 'validation split')}); ECE uses {meta.get('ece_bins', 15)} "
+                     "equal-width bins. Accuracy, F1 and confusion matrices do not depend on the temperature.")
+    for title, table in (("Tumour model per class", per_class_table(metrics)),
+                         ("Tumour accuracy per view plane (BRISC test, true plane)", per_plane_table(metrics)),
+                         ("Ablation: tumour model with vs without the view feature", ablation_table(metrics)),
+                         ("Peer comparison: `detect-tumor` 0.1.1 (VGG16 at 240 px, ONNX Runtime)", peer_table(peer))):
+        if table:
+            parts.append(f"**{title}**\n\n{table}")
+    if peer and peer.get("test_sets"):
+        notes = list(peer.get("notes", []))
+        peer_ckpt = peer.get("meta", {}).get("checkpoint_fingerprint")
+        if peer_ckpt and meta.get("checkpoint_fingerprint") and peer_ckpt != meta["checkpoint_fingerprint"]:
+            # A stale comparison is still shown, but never silently passed off as the current model's.
+            notes.insert(0, f"**Stale:** the peer comparison was measured with checkpoint `{peer_ckpt}`, not "
+                            f"`{meta['checkpoint_fingerprint']}`; rerun `benchmarks/bench_peer.py`.")
+        parts.append("\n".join(f"- {n}" for n in notes))
+    boot = meta.get("bootstrap", {})
+    source = [f"Generated from `results/metrics.json` by `{meta.get('command', 'python -m braintumor_flax.evaluate')}`"]
+    if meta.get("checkpoint_fingerprint"):
+        source.append(f"checkpoint `{meta['checkpoint_fingerprint']}`")
+    if meta.get("dataset_hash"):
+        source.append(f"data `{meta['dataset_hash'][:16]}`")
+    if boot:
+        source.append(f"{boot.get('resamples')} bootstrap resamples, seed {boot.get('seed')}")
+    parts.append("_" + "; ".join(source) + ". Do not edit this block by hand._")
+    return "\n\n".join(parts)
+
+
+def render_block(metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> str:
+    return f"{START}\n{results_markdown(metrics, peer)}\n{END}"
+
+
+def replace_block(text: str, block: str) -> str | None:
+    """`text` with the marked block replaced; None when the markers are missing or out of order."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        return None
+    return text[:start] + block + text[end + len(END):]
+
+
+def update_readme(readme: str | Path, metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> bool:
+    """Rewrite the marked block; False (file untouched) when the README has no markers."""
+    readme = Path(readme)
+    new = replace_block(readme.read_text(), render_block(metrics, peer))
+    if new is None:
+        return False
+    if new != readme.read_text():
+        readme.write_text(new)
+    return True
+
+
+def load_peer(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def render_model_card_for(checkpoint: str | Path) -> str:
+    """The model card of a checkpoint folder from its config.json and metrics.json (weights not loaded)."""
+    from braintumor_flax.model_card import render_model_card
+
+    folder = Path(checkpoint)
+    config = json.loads((folder / "config.json").read_text())
+    metrics_path = folder / "metrics.json"
+    return render_model_card(config, json.loads(metrics_path.read_text()) if metrics_path.is_file() else {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m braintumor_flax.readme_table", description=__doc__.split("\n")[0])
+    ap.add_argument("--metrics", default="results/metrics.json")
+    ap.add_argument("--peer", default="results/peer_comparison.json", help="benchmarks/bench_peer.py output")
+    ap.add_argument("--readme", default="README.md")
+    ap.add_argument("--checkpoint", default="checkpoints", help="checkpoint folder whose model card to regenerate")
+    ap.add_argument("--check", action="store_true", help="only check that README and model card are up to date")
+    args = ap.parse_args(argv)
+
+    metrics = json.loads(Path(args.metrics).read_text())
+    peer = load_peer(args.peer)
+    stale = []
+    readme = Path(args.readme)
+    if readme.is_file():
+        current = readme.read_text()
+        new = replace_block(current, render_block(metrics, peer))
+        if new is None:
+            print(f"{readme}: no {START} ... {END} markers", file=sys.stderr)
+            return 1
+        if new != current:
+            stale.append(str(readme))
+            if not args.check:
+                readme.write_text(new)
+    card = Path(args.checkpoint) / "README.md"
+    if (Path(args.checkpoint) / "config.json").is_file():
+        new_card = render_model_card_for(args.checkpoint)
+        if not card.is_file() or card.read_text() != new_card:
+            stale.append(str(card))
+            if not args.check:
+                card.write_text(new_card)
+    if args.check:
+        for s in stale:
+            print(f"out of date: {s} (run python -m braintumor_flax.readme_table)", file=sys.stderr)
+        return 1 if stale else 0
+    print("updated: " + (", ".join(stale) if stale else "nothing (already up to date)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

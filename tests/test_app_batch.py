@@ -1,0 +1,121 @@
+"""Batch input handling without a server: zip archives read in memory, bomb limits, names, CSV safety."""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor_flax import batch
+from braintumor_flax.imageio import decode_image
+
+
+def _jpeg(value: int = 80, size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes], *, compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_zip_members_read_in_memory_and_never_extracted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    archive = tmp_path / "upload.zip"
+    archive.write_bytes(_zip({
+        "scans/a.jpg": _jpeg(),
+        "../../escape.jpg": _jpeg(),  # zip-slip name: a label only
+        "/abs/b.jpg": _jpeg(),
+        "scans/": b"",
+        "__MACOSX/scans/._a.jpg": b"junk",
+        ".hidden.jpg": _jpeg(),
+        "inner.zip": _zip({"x.jpg": _jpeg()}),
+    }))
+    before = set(tmp_path.rglob("*"))
+    items = batch.collect([("upload.zip", archive)])
+    assert set(tmp_path.rglob("*")) == before  # nothing written anywhere
+    assert not (tmp_path.parent.parent / "escape.jpg").exists()
+    names = [i.name for i in items]
+    assert names == ["upload.zip/scans/a.jpg", "upload.zip/../../escape.jpg", "upload.zip//abs/b.jpg",
+                     "upload.zip/inner.zip"]
+    assert [i.error is None for i in items] == [True, True, True, False]
+    assert "inside archives" in items[3].error
+    decoded = batch.decode_items(items, decode_image)
+    assert [isinstance(v, np.ndarray) for _, v in decoded] == [True, True, True, False]
+
+
+def test_zip_bomb_stopped_by_member_and_total_limits(monkeypatch):
+    monkeypatch.setattr(batch, "MAX_ZIP_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(batch, "MAX_ZIP_TOTAL_BYTES", 3 << 20)
+    zeros = bytes(5 << 20)  # 5 MB of zeros compresses to ~5 KB
+    items = batch.collect([("bomb.zip", _zip({"big.png": zeros}))])
+    assert len(items) == 1 and "uncompressed" in items[0].error
+    many = {f"m{i}.bin": bytes(900 << 10) for i in range(6)}  # 6 x 0.9 MB > 3 MB total budget
+    items = batch.collect([("many.zip", _zip(many))])
+    assert sum(i.error is None for i in items) == 3
+    assert "remaining members skipped" in items[-1].error
+
+
+def test_lying_zip_header_is_bounded(monkeypatch):
+    monkeypatch.setattr(batch, "MAX_ZIP_MEMBER_BYTES", 1 << 20)
+    data = bytearray(_zip({"a.png": bytes(4 << 20)}))
+    # Understate the uncompressed size in both headers: reading must still stop, with an error row.
+    for sig, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        pos = data.find(sig)
+        data[pos + offset:pos + offset + 4] = (1000).to_bytes(4, "little")
+    items = batch.collect([("liar.zip", bytes(data))])
+    assert len(items) == 1
+    decoded = batch.decode_items(items, decode_image)
+    assert isinstance(decoded[0][1], str)  # an error message, not a 4 MB image
+
+
+def test_too_many_images_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(batch, "MAX_BATCH_IMAGES", 5)
+    with pytest.raises(batch.BatchError, match="at most 5 images"):
+        batch.collect([("a.zip", _zip({f"{i}.jpg": b"x" for i in range(6)}))])
+
+
+def test_corrupt_zip_and_unreadable_upload_are_rows():
+    items = batch.collect([("broken.zip", b"PK\x03\x04" + b"\x00" * 50), ("gone.jpg", Path("/nonexistent/x.jpg"))])
+    assert [i.name for i in items] == ["broken.zip", "gone.jpg"]
+    assert "zip" in items[0].error and "cannot read" in items[1].error
+
+
+def test_display_name_and_strip_source():
+    assert batch.display_name("a\x00b\nc.jpg") == "a?b?c.jpg"
+    assert len(batch.display_name("x" * 500)) == 120
+    assert batch._strip_source("/tmp/gradio/abc/x.jpg: empty file (0 bytes)") == "empty file (0 bytes)"
+    assert batch._strip_source("<12 bytes>: not a recognised image format") == "not a recognised image format"
+
+
+def _result(name, *, error=None, ood=False):
+    probs_p = {"axial": 0.7, "coronal": 0.2, "sagittal": 0.1}
+    probs_t = {"glioma": 0.1, "meningioma": 0.6, "no_tumor": 0.2, "pituitary": 0.1}
+    ood_result = SimpleNamespace(flag=ood, score=2.0 if ood else 0.1, reasons=["colour"] if ood else [])
+    return SimpleNamespace(name=name, ok=error is None, error=error, is_ood=ood, ood=ood_result,
+                           plane="axial", tumor="meningioma", plane_probs=probs_p, tumor_probs=probs_t)
+
+
+def test_counts_and_csv_defuse_formulas(tmp_path):
+    results = [_result("=HYPERLINK(\"x\").jpg"), _result("b.jpg", ood=True), _result("c.jpg", error="corrupt")]
+    c = batch.counts(results)
+    assert c["tumor"]["meningioma"] == 1 and c["plane"]["axial"] == 1
+    assert c["other"] == {"analysed": 1, "not_mri": 1, "errors": 1, "total": 3}
+    path = batch.write_csv(results, tmp_path)
+    assert path.parent.parent == tmp_path and path.name == "braintumor_predictions.csv"
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == batch.CSV_HEADERS
+    assert rows[1][0].startswith("'=")  # not a live formula in a spreadsheet
+    assert rows[2][1] == "not_mri" and rows[2][2] == "" and rows[3][-1] == "corrupt"
+    assert len(batch.table_rows(results)) == 3

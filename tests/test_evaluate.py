@@ -1,0 +1,248 @@
+"""End-to-end `python -m braintumor_flax.evaluate` on a tiny generated dataset with stand-in checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor_flax import evaluate, readme_table
+from braintumor_flax.calibration import softmax
+from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.labels import TUMOR_CLASSES
+from braintumor_flax.models import ModelConfig, build_model
+
+pytestmark = pytest.mark.slow  # one end-to-end run (~1 min of CPU) shared by the tests of this module
+
+SIZE = 32
+CODES = {"glioma": "gl", "meningioma": "me", "no_tumor": "no", "pituitary": "pi"}
+KAGGLE = {"glioma": "glioma", "meningioma": "meningioma", "no_tumor": "notumor", "pituitary": "pituitary"}
+
+
+def _image(rng: np.random.Generator, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Blocky noise: every image distinct, also under the perceptual hash used for deduplication.
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((48, 40), Image.Resampling.NEAREST).save(path, quality=95)
+
+
+def _make_data(root: Path) -> dict[str, int]:
+    """BRISC and Kaggle layouts; 3 train images per stratum so the validation split is non-empty."""
+    rng = np.random.default_rng(0)
+    counts = {"brisc_test": 0, "kaggle_test": 0}
+    i = 0
+    for tumor, code in CODES.items():
+        for plane in ("ax", "co", "sa"):
+            for split, n in (("train", 3), ("test", 1)):
+                for _ in range(n):
+                    i += 1
+                    _image(rng, root / "brisc2025/classification_task" / split / tumor /
+                           f"brisc2025_{split}_{i:05d}_{code}_{plane}_t1.jpg")
+                counts["brisc_test"] += n if split == "test" else 0
+        for split, prefix, n in (("Training", "Tr", 4), ("Testing", "Te", 2)):
+            for j in range(n):
+                _image(rng, root / "kaggle" / split / KAGGLE[tumor] / f"{prefix}-{code}_{j:04d}.jpg")
+        counts["kaggle_test"] += 2
+    return counts
+
+
+def _make_checkpoints(main: Path, ablation: Path) -> None:
+    """Main (tumour model with the view branch) and ablation (without), random heads.
+
+    As after frozen-trunk training, the lower VGG blocks are identical in every model of both checkpoints,
+    so one trunk pass serves all of them. Three model builds only: building is slow on a busy CPU.
+    """
+    view = build_model(ModelConfig("view", image_size=SIZE), seed=1)
+    tumor = build_model(ModelConfig("tumor", image_size=SIZE), seed=2)
+    tumor_ablation = build_model(ModelConfig("tumor", image_size=SIZE, view_projection_dim=0), seed=3)
+    for model in (tumor, tumor_ablation):
+        for b in range(1, 5):
+            for c in range(1, 4):
+                name = f"block{b}_conv{c}"
+                if hasattr(model.vgg, name):
+                    for attr in ("kernel", "bias"):
+                        getattr(getattr(model.vgg, name), attr).set_value(
+                            getattr(getattr(view.vgg, name), attr).get_value())
+    info = {"training": {"recipe": "stand-in"}}
+    BrainTumorPipeline(view, tumor, info=dict(info)).save_pretrained(main)
+    BrainTumorPipeline(view, tumor_ablation, info=dict(info)).save_pretrained(ablation)
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("shared.safetensors", "view/model.safetensors", "tumor/model.safetensors"):
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAINTUMOR_FLAX_CACHE", str(root / "cache"))
+        counts = _make_data(root / "data")
+        ckpt, ablation = root / "ckpt", root / "ablation"
+        _make_checkpoints(ckpt, ablation)
+        weights_before = _digest(ckpt)
+        readme = root / "README.md"
+        readme.write_text(f"# demo\n\n## Results\n{readme_table.START}\nold\n{readme_table.END}\n\nafter\n")
+        args = ["--checkpoint", str(ckpt), "--data-dir", str(root / "data"), "--out", str(root / "results"),
+                "--ablation-checkpoint", str(ablation), "--bootstrap", "200", "--readme", str(readme)]
+        assert evaluate.main(args) == 0
+        first = json.loads((root / "results" / "metrics.json").read_text())
+
+        # Second run: logits come from the cache (the forward pass must not run) and the temperatures
+        # written into the checkpoint by the first run are reused (auto), so nothing changes.
+        def no_forward(*a, **k):
+            raise AssertionError("forward pass ran although every logit was cached")
+
+        mp.setattr(evaluate.MultiForward, "__call__", no_forward)
+        lower_files = sorted((root / "cache" / "predictions").glob("lower_*.npy"))
+        assert evaluate.main([*args, "--out", str(root / "results2"), "--no-plots"]) == 0
+        second = json.loads((root / "results2" / "metrics.json").read_text())
+    return {"root": root, "ckpt": ckpt, "ablation": ablation, "counts": counts, "metrics": first,
+            "second": second, "readme": readme, "weights_before": weights_before, "lower_files": lower_files}
+
+
+def test_metrics_json_schema(run):
+    m, counts = run["metrics"], run["counts"]
+    assert set(m["view"]) == {"brisc2025_test"} and set(m["tumor"]) == {"brisc2025_test", "kaggle_test"}
+    assert m["view"]["brisc2025_test"]["n"] == counts["brisc_test"]
+    assert m["tumor"]["kaggle_test"]["n"] == counts["kaggle_test"]
+    for task, name in (("view", "brisc2025_test"), ("tumor", "brisc2025_test"), ("tumor", "kaggle_test")):
+        r = m[task][name]
+        for key in ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_auc", "per_class", "ece_raw",
+                    "ece_calibrated", "confusion_matrix", "temperature"):
+            assert key in r, (task, name, key)
+        assert np.sum(r["confusion_matrix"]) == r["n"]
+        assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+    assert set(m["tumor"]["brisc2025_test"]["per_plane"]) == {"axial", "coronal", "sagittal"}
+    assert sum(p["n"] for p in m["tumor"]["brisc2025_test"]["per_plane"].values()) == counts["brisc_test"]
+    assert m["calibration"]["source"] == "fitted by evaluate" and m["calibration"]["n_val_tumor"] > 0
+    assert set(m["ablation"]["comparison"]) == {"brisc2025_test", "kaggle_test"}
+    assert m["ablation"]["use_view_feature"] is False
+
+
+def test_lower_blocks_cached_once_per_split(run):
+    # Main and ablation share their frozen trunk: one lower-output file per split (val + two test sets).
+    assert len(run["lower_files"]) == 3
+    shapes = {np.load(p, mmap_mode="r").shape[1:] for p in run["lower_files"]}
+    assert shapes == {(SIZE // 16, SIZE // 16, 512)}
+
+
+def test_metrics_agree_with_the_per_image_csv(run):
+    m = run["metrics"]
+    for task, name in (("view", "brisc2025_test"), ("tumor", "kaggle_test")):
+        with (run["root"] / "results" / f"predictions_{task}_{name}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == m[task][name]["n"]
+        acc = np.mean([r["true"] == r["predicted"] for r in rows])
+        assert m[task][name]["accuracy"] == pytest.approx(acc)
+        # Calibrated probabilities in the CSV are softmax(logits / T) with the reported temperature.
+        names = m[task][name]["class_names"]
+        logits = np.array([[float(r[f"logit_{c}"]) for c in names] for r in rows])
+        probs = np.array([[float(r[f"prob_{c}"]) for c in names] for r in rows])
+        np.testing.assert_allclose(probs, softmax(logits, m[task][name]["temperature"]), atol=2e-5)
+    abl = m["ablation"]["comparison"]["kaggle_test"]
+    with (run["root"] / "results" / "predictions_tumor_ablation_kaggle_test.csv").open() as f:
+        assert abl["accuracy_b"] == pytest.approx(np.mean([r["true"] == r["predicted"] for r in csv.DictReader(f)]))
+
+
+def test_figures_written(run):
+    for name in run["metrics"]["meta"]["figures"]:
+        data = (run["root"] / "results" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    names = set(run["metrics"]["meta"]["figures"])
+    assert {"confusion_tumor_kaggle_test.png", "roc_view_brisc2025_test.png", "reliability_tumor_brisc2025_test.png",
+            "tumor_accuracy_per_plane.png", "ablation_tumor_accuracy.png"} <= names
+
+
+def test_checkpoint_gets_temperatures_and_metrics_but_keeps_its_weights(run):
+    from braintumor_flax.inference import Predictor
+
+    ckpt, m = run["ckpt"], run["metrics"]
+    assert _digest(ckpt) == run["weights_before"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["calibration"]["tumor_temperature"] == pytest.approx(m["calibration"]["tumor_temperature"])
+    assert config["calibration"]["view_temperature"] == pytest.approx(m["calibration"]["view_temperature"])
+    stored = json.loads((ckpt / "metrics.json").read_text())
+    assert stored["tumor"]["kaggle_test"]["accuracy"] == m["tumor"]["kaggle_test"]["accuracy"]
+    assert "reliability" not in stored["tumor"]["kaggle_test"]
+    card = (ckpt / "README.md").read_text()
+    assert f"{m['tumor']['kaggle_test']['accuracy']:.3f}" in card and "Ablation" in card
+    # The app's predictor now returns calibrated probabilities.
+    assert Predictor.from_pretrained(ckpt).tumor_temperature == pytest.approx(m["calibration"]["tumor_temperature"])
+
+
+def test_second_run_reuses_cache_and_temperatures(run):
+    a, b = run["metrics"], run["second"]
+    assert b["calibration"]["source"] == "checkpoint"
+    assert b["calibration"]["tumor_temperature"] == pytest.approx(a["calibration"]["tumor_temperature"])
+    for task in ("view", "tumor"):
+        for name in a[task]:
+            for key in ("accuracy", "accuracy_ci95", "macro_f1", "macro_auc", "ece_calibrated"):
+                assert b[task][name][key] == pytest.approx(a[task][name][key]), (task, name, key)
+
+
+def test_readme_block_regenerated(run):
+    text = run["readme"].read_text()
+    assert "old" not in text and text.endswith("after\n") and text.startswith("# demo")
+    acc = run["metrics"]["tumor"]["brisc2025_test"]["accuracy"]
+    assert f"{acc:.3f}" in text and "Ablation" in text and "Do not edit this block by hand" in text
+    # --check passes now and fails after a hand edit.
+    metrics_path = run["root"] / "results2" / "metrics.json"
+    common = ["--metrics", str(metrics_path), "--readme", str(run["readme"]), "--checkpoint", str(run["ckpt"]),
+              "--peer", str(run["root"] / "none.json")]
+    assert readme_table.main(common) == 0
+    assert readme_table.main([*common, "--check"]) == 0
+    run["readme"].write_text(text.replace(f"{acc:.3f}", "0.999", 1))
+    assert readme_table.main([*common, "--check"]) == 1
+    assert readme_table.main(common) == 0 and readme_table.main([*common, "--check"]) == 0
+
+
+def test_readme_without_markers_is_left_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    assert readme_table.update_readme(readme, {"tumor": {}}) is False
+    assert readme.read_text() == "no markers here\n"
+
+
+def test_multi_forward_matches_the_inference_core(run):
+    """Evaluation's batched forward (shared trunk across checkpoints) gives the app's logits."""
+    from braintumor_flax.inference import Predictor
+
+    images = np.random.default_rng(3).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    main, abl = (BrainTumorPipeline.load_folder(p) for p in (run["ckpt"], run["ablation"]))
+    forward = evaluate.MultiForward([main, abl], with_view=[True, False], batch_size=4)
+    assert forward.n_lower == 1  # one trunk pass serves both checkpoints
+    ours_main, ours_abl = forward(images)
+    ref_main = Predictor(main, batch_size=8).predict_arrays(images)
+    np.testing.assert_allclose(ours_main.view, ref_main.view_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours_main.tumor, ref_main.tumor_logits, rtol=1e-4, atol=1e-4)
+    # The ablation model has no view branch: its plain forward is the reference.
+    np.testing.assert_allclose(ours_abl.tumor, np.asarray(abl.tumor_model(images)), rtol=1e-4, atol=1e-4)
+    assert ours_abl.view is None
+    # Lower-block outputs fed from a cache give the same logits as computing them.
+    forward(images, keep_lowers=True)
+    from_cache = forward(images, lowers=forward.last_lowers)
+    np.testing.assert_allclose(from_cache[0].tumor, ours_main.tumor, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(from_cache[1].tumor, ours_abl.tumor, rtol=1e-5, atol=1e-5)
+
+
+def test_stratified_subset_keeps_every_class():
+    from braintumor_flax.data import Split
+
+    n = 40
+    tumor = np.repeat(np.arange(4), 10).astype(np.int32)
+    split = Split("x", np.zeros((n, 2, 2, 3), np.uint8), tumor, np.full(n, -1, np.int32),
+                  np.array(["k"] * n), [f"p{i}" for i in range(n)], [str(i) for i in range(n)])
+    sub = evaluate.stratified_subset(split, 8, seed=0)
+    assert len(sub) == 8 and np.bincount(sub.tumor).tolist() == [2, 2, 2, 2]
+    assert evaluate.stratified_subset(split, 8, seed=0).paths == sub.paths
+    assert evaluate.stratified_subset(split, None, seed=0) is split
+    assert len(TUMOR_CLASSES) == 4
