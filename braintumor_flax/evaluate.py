@@ -752,13 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m braintumor_flax.evaluate", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT_DIR), help="checkpoint folder (or Hub repo id)")
-    ap.add_argument("--data-dir", default=str(default_data_dir()))
+    ap.add_argument("--data-dir", default=str(default_data_dir()), help="BRISC and/or Kaggle folders")
     ap.add_argument("--out", default="results", help="folder for metrics.json, CSVs and figures")
     ap.add_argument("--ablation-checkpoint", default=None,
                     help="a second checkpoint (tumour model without the view feature) evaluated side by side")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     ap.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (and of --limit's subsample)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="images per compiled forward call")
     ap.add_argument("--calibration", choices=("auto", "fit", "checkpoint", "none"), default="auto",
                     help="fit: fit temperatures on the validation split now; checkpoint: use the checkpoint's; "
                          "auto: the checkpoint's if they were fitted on this data's validation split, else fit; "
