@@ -172,7 +172,9 @@ class BrainTumorPipeline(
         models = {}
         for task in TASKS:
             model_config = ModelConfig.from_dict(config["models"][task])
-            model = build_model(model_config)
+            # Shapes only: random initialisers would cost seconds per model and be overwritten at once;
+            # load_flat_params fills every parameter or refuses the checkpoint.
+            model = nnx.eval_shape(lambda cfg=model_config: build_model(cfg))
             params = {**shared, **load_file(str(folder / task / "model.safetensors"))}
             load_flat_params(model, {k: v.astype(np.float32) for k, v in params.items()})
             models[task] = model

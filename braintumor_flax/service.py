@@ -14,12 +14,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
-from flax import nnx
 
-from braintumor_flax import __version__, hub
+from braintumor_flax import __version__
 from braintumor_flax.gradcam import gradcam_overlay
 from braintumor_flax.hub import BrainTumorPipeline, flat_params
 from braintumor_flax.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
@@ -104,21 +102,8 @@ class SliceResult:
 
 
 def load_pipeline(source: str | Path) -> BrainTumorPipeline:
-    """`BrainTumorPipeline.from_pretrained` without the random initialisation it then overwrites.
-
-    Building a VGG16 model runs its random initialisers eagerly: ~9-18 s per model on a 2-core CPU, i.e.
-    most of the app's cold start. Here the models are built abstractly (shapes only, `nnx.eval_shape`)
-    and every parameter is filled from the checkpoint (`load_flat_params` refuses a missing one), so the
-    result is the same pipeline in well under a second. (Asked for in hub.load_folder itself; until then
-    the swap is confined to this call.)
-    """
-    real_build = hub.build_model
-
-    def abstract_build(config: Any, **kwargs: Any) -> Any:
-        return nnx.eval_shape(lambda: real_build(config, **kwargs))
-
-    with mock.patch.object(hub, "build_model", abstract_build):
-        return BrainTumorPipeline.from_pretrained(source)
+    """Both models from a folder or Hub repo id (built shape-only, then filled: see hub.load_folder)."""
+    return BrainTumorPipeline.from_pretrained(source)
 
 
 def checkpoint_fingerprint(predictor: Predictor) -> str:
