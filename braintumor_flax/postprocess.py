@@ -21,19 +21,6 @@ from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.ood import fit_ood, pool_lower
 
 
-def view_outputs(pipeline: BrainTumorPipeline, images: np.ndarray, *, batch_size: int = 64,
-                 lower: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(view logits, 128-d view features); from cached lower-block features when given (much cheaper)."""
-    from braintumor_flax.training import predict_in_batches
-
-    graphdef, state = nnx.split(pipeline.view_model)
-    if lower is not None:
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).from_lower(x.astype(np.float32)))
-        return predict_in_batches(lambda x, _: fn(state, x), lower, None, batch_size, desc="view outputs")
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return predict_in_batches(lambda x, _: fn(state, x), images, None, batch_size, desc="view outputs")
-
-
 def tumor_logits(pipeline: BrainTumorPipeline, lower: np.ndarray, view_feature: np.ndarray,
                  *, batch_size: int = 64) -> np.ndarray:
     from braintumor_flax.training import predict_in_batches
@@ -46,14 +33,17 @@ def tumor_logits(pipeline: BrainTumorPipeline, lower: np.ndarray, view_feature: 
 
 def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData) -> dict:
     """Fit temperatures (validation) and OOD statistics (training, limit on validation) into pipeline.info."""
-    from braintumor_flax.training import lower_features
+    from braintumor_flax.training import lower_features, view_outputs
 
     train, val = data.splits["train"], data.splits["val"]
     shared = pipeline.shares_lower_blocks or pipeline.view_model.config.shared_blocks == 4
     train_lower = lower_features(pipeline.view_model, train) if shared else None
     val_lower = lower_features(pipeline.view_model, val) if shared else None
-    train_view_logits, train_feature = view_outputs(pipeline, train.images, lower=train_lower)
-    val_view_logits, val_feature = view_outputs(pipeline, val.images, lower=val_lower)
+    view_model = pipeline.view_model
+    train_view_logits, train_feature = view_outputs(
+        view_model, train.images if train_lower is None else train_lower, from_lower=train_lower is not None)
+    val_view_logits, val_feature = view_outputs(
+        view_model, val.images if val_lower is None else val_lower, from_lower=val_lower is not None)
     if val_lower is None:  # lower blocks differ between the models: run the tumour model on pixels
         from braintumor_flax.inference import Predictor
 

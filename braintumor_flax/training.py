@@ -228,6 +228,17 @@ def predict_in_batches(fn: Callable, inputs: np.ndarray, extra: np.ndarray | Non
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
+def view_outputs(view_model: ViewClassifier, inputs: np.ndarray, *, from_lower: bool, batch_size: int = 64
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(view logits, 128-d view features), deterministic, from pixels or from cached lower-block features."""
+    graphdef, state = nnx.split(view_model)
+    if from_lower:
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).from_lower(x.astype(jnp.float32)))
+    else:
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    return predict_in_batches(lambda x, _: fn(state, x), inputs, None, batch_size, desc="view outputs")
+
+
 # ----------------------------------------------------------------------------------------------- lower-feature cache
 def lower_blocks_digest(model: Model) -> str:
     """Identifies the frozen lower blocks' weights, so cached features are never reused with other weights."""
@@ -379,14 +390,11 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
 
     # Stage 2: the view model is frozen; its 128-d feature is computed once per image (no augmentation).
     t = time.perf_counter()
-    graphdef, state = nnx.split(view_model)
-    feature_fn = jax.jit(lambda s, x, _: (nnx.merge(graphdef, s).from_lower(x) if from_lower
-                                          else nnx.merge(graphdef, s)(x))[1])
     with_tumor, val_with_tumor = train_split.tumor >= 0, val_split.tumor >= 0
-    train_feat = predict_in_batches(lambda x, e: feature_fn(state, x, e), train_x[with_tumor], None,
-                                    config.eval_batch_size, desc="view features (train)")
-    val_feat = predict_in_batches(lambda x, e: feature_fn(state, x, e), val_x[val_with_tumor], None,
-                                  config.eval_batch_size, desc="view features (val)")
+    _, train_feat = view_outputs(view_model, train_x[with_tumor], from_lower=from_lower,
+                                 batch_size=config.eval_batch_size)
+    _, val_feat = view_outputs(view_model, val_x[val_with_tumor], from_lower=from_lower,
+                               batch_size=config.eval_batch_size)
     stage2_train = StageData(train_x[with_tumor], train_split.tumor[with_tumor], train_feat)
     stage2_val = StageData(val_x[val_with_tumor], val_split.tumor[val_with_tumor], val_feat)
     log(f"stage 2 (tumour): {len(stage2_train)} train / {len(stage2_val)} val images, "
