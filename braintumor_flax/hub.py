@@ -124,7 +124,9 @@ class BrainTumorPipeline(
         lower_names = [k for k in view if any(f"block{b}_" in k for b in range(1, shared_blocks + 1))]
         self.info["shared_lower_blocks"] = bool(lower_names) and all(k in shared for k in lower_names)
         cast = (lambda d: {k: v.astype(dtype) for k, v in d.items()}) if dtype != "float32" else (lambda d: d)
-        meta = {"format": "braintumor-flax", "version": str(FORMAT_VERSION)}
+        # One metadata key: safetensors writes its metadata map in hash order, so with two keys the same tensors
+        # could give different bytes (and a new blob for git and the Hub) on every save.
+        meta = {"format": f"braintumor-flax/{FORMAT_VERSION}"}
         save_file(cast(shared), str(save_directory / SHARED_FILE), metadata=meta)
         for task, only in (("view", view_only), ("tumor", tumor_only)):
             (save_directory / task).mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,9 @@ def ablation_table(metrics: dict[str, Any]) -> str:
         lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {c['n']} | {_num(c['accuracy_a'])} "
                      f"| {_num(c['accuracy_b'])} | {_with_ci(c['difference'], c.get('difference_ci95'), '+.3f')} "
                      f"| {_num(c.get('mcnemar_p'), '.3g')} |")
+    lines.append("\nOne training run per arm (same data, split, seed and recipe). The paired interval and the McNemar "
+                 "test cover the sampling of test images, not the run-to-run variation of training, which was not "
+                 "measured; a difference this size could be partly training noise.")
     return "\n".join(lines)
 
 

@@ -54,6 +54,15 @@ def test_shared_blocks_stored_once(pipeline, tmp_path):
     assert set(shared) | set(view_only) == set(flat_params(pipeline.view_model))
 
 
+def test_saving_the_same_weights_gives_the_same_bytes(pipeline, tmp_path):
+    """Reproducible files: re-saving unchanged weights must not create new blobs for git or the Hub."""
+    for name in ("a", "b", "c"):
+        pipeline.save_pretrained(tmp_path / name)
+    for rel in ("shared.safetensors", "view/model.safetensors", "tumor/model.safetensors", "config.json"):
+        blobs = {(tmp_path / name / rel).read_bytes() for name in ("a", "b", "c")}
+        assert len(blobs) == 1, rel
+
+
 def test_corrupt_checkpoint_is_a_clear_error(pipeline, tmp_path):
     pipeline.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "tumor" / "model.safetensors").write_bytes(b"not safetensors")
