@@ -2,7 +2,11 @@
 
 1. Cold start: process start → first /predict answer, with an empty XLA compilation cache and again with
    the cache the first start left behind (a restarted Space / local run).
-2. Latency: one image, sequential calls: /analyze (labels + Grad-CAM image + summary) and /predict (JSON).
+2. Latency: one image, sequential calls: /analyze (labels + Grad-CAM image + summary) and /predict (JSON),
+   with `Client(url, ssl_verify=<one shared TLS context>)` (what the README recommends) and with a default
+   `Client(url)`. gradio_client hands `ssl_verify` to a fresh httpx client for each of its HTTP requests, and a
+   default one loads the CA bundle into a new TLS context every time, even for http:// URLs: measured here as
+   `tls_context_ms`, paid about four times per call, on the client's CPU (the same 2 cores in this benchmark).
 3. Load: 8 concurrent clients x 25 /predict requests over the example slices: every answer must equal the
    sequential answer for that image (and, with a trained checkpoint, the label in its file name); errors
    counted.
@@ -20,6 +24,7 @@ import os
 import platform
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -28,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import certifi
 import httpx
 import psutil
 from gradio_client import Client, handle_file
@@ -126,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_cache, _ = app.first_answer()
         result["cold_start_s"] = {"empty_xla_cache": round(cold, 1), "with_xla_cache": round(warm_cache, 1),
                                   "target": "<= 20"}
-        client = Client(app.url, verbose=False, download_files=str(work / "downloads"))
+        # One TLS context for every request of this client: verification stays on, the per-request rebuild goes.
+        tls = ssl.create_default_context(cafile=certifi.where())
+        client = Client(app.url, verbose=False, download_files=str(work / "downloads"), ssl_verify=tls)
+        default_client = Client(app.url, verbose=False, download_files=str(work / "downloads_default"))
         served = 1
 
         # Reference answer per example (sequential), and what the file name says.
@@ -139,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. latency, one image at a time
         image = handle_file(str(EXAMPLES[0]))
-        analyze = _latencies(lambda: client.predict(image, api_name="/analyze"), args.latency_calls)
-        predict = _latencies(lambda: client.predict(image, api_name="/predict"), args.latency_calls)
-        served += 2 * args.latency_calls
-        result["latency_one_image"] = {"analyze_with_gradcam": {**_stats(analyze), "target_median_ms": 400},
-                                       "predict_json": _stats(predict)}
+        latency = {}
+        for name, c in (("shared_tls_context", client), ("default_client", default_client)):
+            analyze = _latencies(lambda c=c: c.predict(image, api_name="/analyze"), args.latency_calls)
+            predict = _latencies(lambda c=c: c.predict(image, api_name="/predict"), args.latency_calls)
+            served += 2 * args.latency_calls
+            latency[name] = {"analyze_with_gradcam": {**_stats(analyze), "target_median_ms": 400},
+                             "predict_json": _stats(predict)}
+        tls_ms = _latencies(lambda: httpx.create_ssl_context(), 20)
+        result["latency_one_image"] = {**latency["shared_tls_context"], "default_client": latency["default_client"],
+                                       "tls_context_ms": _stats(tls_ms)}
 
         # 4a. fill up to 50 requests, then record RSS
         while served < 50:

@@ -218,10 +218,24 @@ def serving_markdown(app: dict[str, Any] | None, inference: dict[str, Any] | Non
         analyze, predict = lat.get("analyze_with_gradcam", {}), lat.get("predict_json", {})
         conc, mem, cold = app.get("concurrency", {}), app.get("memory", {}), app.get("cold_start_s", {})
         bad = (conc.get("wrong_answers", 0) + conc.get("errors", 0)) if conc else None
+        default = lat.get("default_client", {})
+        d_analyze, d_predict = default.get("analyze_with_gradcam", {}), default.get("predict_json", {})
+        tls = lat.get("tls_context_ms", {}).get("median_ms")
         rows += [
-            ("one image through `gradio_client`, with Grad-CAM (`/analyze`), median",
-             f"{analyze.get('median_ms')} ms (`/predict` JSON: {predict.get('median_ms')} ms)", "≤ 400 ms",
+            ("one image through `gradio_client` with one shared TLS context (as in [API](#api)), "
+             "Grad-CAM included (`/analyze`), median",
+             f"{_num(analyze.get('median_ms'), '.0f')} ms "
+             f"(`/predict` JSON: {_num(predict.get('median_ms'), '.0f')} ms)",
+             "≤ 400 ms",
              _met(analyze.get("median_ms"), 400)),
+        ]
+        if default:
+            rows.append((f"the same with a default `Client(url)`, which builds a TLS context "
+                         f"({_num(tls, '.0f')} ms here) for each HTTP request",
+                         f"{_num(d_analyze.get('median_ms'), '.0f')} ms (`/predict` JSON: "
+                         f"{_num(d_predict.get('median_ms'), '.0f')} ms)", "≤ 400 ms",
+                         _met(d_analyze.get("median_ms"), 400)))
+        rows += [
             (f"{conc.get('clients')} concurrent clients × {conc.get('requests', 0) // max(conc.get('clients', 1), 1)} "
              "requests: wrong answers + errors", f"{bad} of {conc.get('requests')}", "0", _met(bad, 0)),
             ("server memory after 500 requests / after 50", f"{mem.get('growth_ratio')}", "≤ 1.10",

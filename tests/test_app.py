@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import certifi
 import httpx
 import numpy as np
 import pytest
@@ -109,7 +111,9 @@ def server(tmp_path_factory) -> Iterator[AppServer]:
 
 @pytest.fixture(scope="module")
 def client(server) -> Client:
-    return Client(server.url, verbose=False, download_files=str(server.root / "client_downloads"))
+    # As the README recommends: one TLS context, instead of one built per HTTP request.
+    tls = ssl.create_default_context(cafile=certifi.where())
+    return Client(server.url, verbose=False, download_files=str(server.root / "client_downloads"), ssl_verify=tls)
 
 
 # --- inputs ------------------------------------------------------------------------------------
