@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from braintumor_flax.xla_flags import configure_xla_cpu
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
+
+from braintumor_flax.xla_flags import configure_xla_cpu  # noqa: E402
 
 configure_xla_cpu()
 
