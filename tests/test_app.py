@@ -6,6 +6,7 @@ Runs against the trained checkpoint in ./checkpoints (or $BRAINTUMOR_FLAX_MODEL 
 
 from __future__ import annotations
 
+import ast
 import io
 import os
 import shutil
@@ -389,3 +390,30 @@ def test_browser_bad_file_shows_error_and_page_keeps_working(server, browser, tm
     file_input = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#slice-input input[type=file]"))
     file_input.send_keys(str(EXAMPLES[0]))
     _wait(browser, lambda d: "slice" in d.find_element(By.ID, "summary").text)
+
+
+def test_readme_api_example_runs_against_the_app(server, tmp_path, monkeypatch, capsys):
+    """The README's gradio_client code, run as written (only the URL and the file names are ours)."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("### API"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    assert 'Client("http://127.0.0.1:7860/"' in code and 'api_name="/predict_batch"' in code
+    glioma, meningioma = EXAMPLES[0], next(e for e in EXAMPLES if "_me_" in e.name)
+    shutil.copy(glioma, tmp_path / "slice.jpg")
+    shutil.copy(meningioma, tmp_path / "a.jpg")
+    with zipfile.ZipFile(tmp_path / "scans.zip", "w") as archive:
+        archive.write(glioma, "one.jpg")
+        archive.writestr("broken.jpg", b"not an image")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:7860/", server.url), "README.md", "exec"), {})  # noqa: S102
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if not line.startswith("Loaded as API")]
+    plane, tumour = _labels_from_name(glioma)[1], _labels_from_name(glioma)[0]
+    assert lines[0].startswith(f"{plane} {tumour} {{") and lines[0].endswith("False"), out  # False: not OOD
+    # Counts cover the answered images: a.jpg and one.jpg, not the unreadable member.
+    assert sum(ast.literal_eval(lines[1]).values()) == 2, out
+    rows = dict(line.split(" ", 1) for line in lines[2:])
+    assert rows["a.jpg"] == _labels_from_name(meningioma)[0], out
+    assert any(name.endswith("one.jpg") and label == tumour for name, label in rows.items()), out
+    assert any(name.endswith("broken.jpg") and "image" in label for name, label in rows.items()), out
