@@ -1,6 +1,7 @@
 """Checkpoint round trips through save_pretrained / from_pretrained, and the exact Hub upload call."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +99,45 @@ def test_push_to_hub_makes_the_exact_upload_call(pipeline, monkeypatch):
     assert repo_id == "someone/braintumor-flax" and kwargs["repo_type"] == "model"
     assert kwargs["commit_message"] == "test push"
     assert "shared.safetensors" in uploaded and "tumor/model.safetensors" in uploaded and "README.md" in uploaded
+
+
+def test_push_space_uploads_the_app_and_nothing_else(monkeypatch):
+    """The exact calls `python -m braintumor_flax.space` makes, captured at the HfApi boundary, on this checkout."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from braintumor_flax import space
+    from braintumor_flax.paths import PROJECT_ROOT
+
+    calls: dict = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+
+    def fake_add_space_variable(self, repo_id, key, value, **kwargs):
+        calls["variable"] = (repo_id, key, value)
+
+    def fake_upload_folder(self, *, repo_id, folder_path, allow_patterns, ignore_patterns, **kwargs):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        calls["upload"] = (repo_id, set(filter_repo_objects(files, allow_patterns=allow_patterns,
+                                                            ignore_patterns=ignore_patterns)), kwargs)
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "add_space_variable", fake_add_space_variable)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+
+    assert space.push_space("someone/braintumor-demo") == "commit-url"
+    assert calls["create_repo"] == ("someone/braintumor-demo",
+                                    {"repo_type": "space", "space_sdk": "gradio", "private": False, "exist_ok": True})
+    repo_id, uploaded, kwargs = calls["upload"]
+    assert kwargs["repo_type"] == "space" and "variable" not in calls
+    assert {"app.py", "requirements.txt", "README.md", "braintumor_flax/app_ui.py", "checkpoints/config.json",
+            "checkpoints/shared.safetensors", "checkpoints/tumor/model.safetensors"} <= uploaded
+    assert any(f.startswith("examples/") for f in uploaded)
+    assert not any(f.startswith(("tests/", "results/", "runs/", ".venv/", ".git/", "checkpoints-no-view/"))
+                   or "__pycache__" in f for f in uploaded)
+
+    calls.clear()
+    space.push_space("someone/braintumor-demo", model="someone/braintumor-flax-vgg16", root=PROJECT_ROOT)
+    assert calls["variable"] == ("someone/braintumor-demo", "BRAINTUMOR_FLAX_MODEL", "someone/braintumor-flax-vgg16")
+    assert not any(f.startswith("checkpoints/") for f in calls["upload"][1]) and "app.py" in calls["upload"][1]
