@@ -141,3 +141,33 @@ def test_push_space_uploads_the_app_and_nothing_else(monkeypatch):
     space.push_space("someone/braintumor-demo", model="someone/braintumor-flax-vgg16", root=PROJECT_ROOT)
     assert calls["variable"] == ("someone/braintumor-demo", "BRAINTUMOR_FLAX_MODEL", "someone/braintumor-flax-vgg16")
     assert not any(f.startswith("checkpoints/") for f in calls["upload"][1]) and "app.py" in calls["upload"][1]
+
+
+def test_from_pretrained_with_a_repo_id_downloads_the_checkpoint_files(pipeline, tmp_path, monkeypatch):
+    """A Hub repo id goes through snapshot_download with the checkpoint's file patterns (served from disk here)."""
+    import huggingface_hub
+
+    from braintumor_flax import hub
+
+    pipeline.save_pretrained(tmp_path / "snapshot")
+    seen = {}
+
+    def fake_snapshot_download(**kwargs):
+        seen["snapshot"] = kwargs
+        return str(tmp_path / "snapshot")
+
+    def fake_hf_hub_download(repo_id, filename, **kwargs):  # ModelHubMixin fetches config.json on its own
+        seen.setdefault("files", []).append((repo_id, filename))
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", fake_hf_hub_download)
+    loaded = BrainTumorPipeline.from_pretrained("someone/braintumor-flax", revision="v1")
+    assert seen["snapshot"]["repo_id"] == "someone/braintumor-flax" and seen["snapshot"]["revision"] == "v1"
+    from huggingface_hub.utils import filter_repo_objects
+
+    saved = [f.relative_to(tmp_path / "snapshot").as_posix() for f in (tmp_path / "snapshot").rglob("*") if f.is_file()]
+    assert sorted(filter_repo_objects(saved, allow_patterns=seen["snapshot"]["allow_patterns"])) == sorted(saved)
+    images = jax.random.randint(jax.random.key(1), (1, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    for a, b in zip(_predict(pipeline, images), _predict(loaded, images), strict=True):
+        np.testing.assert_array_equal(a, b)
