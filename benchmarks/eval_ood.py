@@ -5,7 +5,7 @@ Fits the statistics (`braintumor_flax.ood.fit_ood`) on the checkpoint's view fea
 then scores BRISC 2025 test and Kaggle Testing (deduplicated, as prepared for evaluation), generated
 non-MRI images (noise, gradients, text pages, synthetic photo and radiograph look-alikes, ...) and the real
 photographs that installed packages ship. Writes results/ood_eval.json; `--write-stats` also stores the
-fitted statistics in the checkpoint's config.json (info["ood"]), where the app reads them.
+fitted statistics in the checkpoint (info["ood"]: config.json + ood.safetensors), where the app reads them.
 
     python benchmarks/eval_ood.py [--model checkpoints] [--n-train 0] [--write-stats]
 """
@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.stats_out:
         Path(args.stats_out).write_text(json.dumps(stats) + "\n")
     if args.write_stats:
-        config_path = Path(args.model) / "config.json"
-        config = json.loads(config_path.read_text())
+        from braintumor_flax.hub import read_config, write_config
+
+        config = read_config(args.model)
         config["ood"] = stats
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        print(f"wrote info['ood'] into {config_path}")
+        write_config(args.model, config)
+        print(f"wrote info['ood'] into {args.model} (config.json, ood.safetensors)")
     return 0
 
 

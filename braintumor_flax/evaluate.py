@@ -518,12 +518,14 @@ def write_to_checkpoint(folder: str | Path, pipeline: BrainTumorPipeline, calibr
     Only the JSON files and the model card are rewritten: the weight files stay byte-identical, so the
     prediction cache stays valid and a half-precision checkpoint is not re-saved as float32.
     """
+    from braintumor_flax.hub import write_config
+
     folder = Path(folder)
     pipeline.info["calibration"] = {k: calibration_info[k] for k in
                                     ("view_temperature", "tumor_temperature", "fitted_on", "method")
                                     if k in calibration_info}
     pipeline.metrics = json_safe(checkpoint_metrics(results))
-    _write_json(folder / "config.json", pipeline.config_dict())
+    write_config(folder, pipeline.config_dict())
     _write_json(folder / "metrics.json", pipeline.metrics)
     for task in ("view", "tumor"):
         _write_json(folder / task / "metrics.json", pipeline.metrics.get(task, {}))

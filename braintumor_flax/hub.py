@@ -2,7 +2,8 @@
 
 Layout of a checkpoint folder (= one Hugging Face model repo):
 
-    config.json                 pipeline: both model configs, calibration, OOD statistics, provenance
+    config.json                 pipeline: both model configs, calibration, OOD limits, provenance
+    ood.safetensors             the OOD check's mean and precision matrix (512 x 512: binary, not JSON)
     shared.safetensors          parameters identical in both models (the frozen VGG blocks), stored once
     view/model.safetensors      the rest of model 1       view/config.json   view/metrics.json
     tumor/model.safetensors     the rest of model 2       tumor/config.json  tumor/metrics.json
@@ -30,6 +31,8 @@ from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier,
 FORMAT_VERSION = 1
 TASKS = ("view", "tumor")
 SHARED_FILE = "shared.safetensors"
+OOD_FILE = "ood.safetensors"
+OOD_ARRAYS = ("means", "precision")  # the large parts of info["ood"]; its scalars and limits stay in config.json
 HUB_FILES = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "README.md", "*.png"]
 
 
@@ -73,6 +76,37 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_config(folder: str | Path, config: dict[str, Any]) -> None:
+    """Write a checkpoint's config.json, with the OOD matrices in ood.safetensors next to it.
+
+    Every writer of a checkpoint's config.json goes through here (save_pretrained, evaluation writing its
+    temperatures, `python -m braintumor_flax.ood fit --write`), so the two files never disagree.
+    """
+    folder = Path(folder)
+    ood = config.get("ood")
+    path = folder / OOD_FILE
+    if isinstance(ood, dict) and any(k in ood for k in OOD_ARRAYS):
+        arrays = {k: np.ascontiguousarray(np.asarray(ood[k], np.float64)) for k in OOD_ARRAYS if k in ood}
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(arrays, str(path), metadata={"format": f"braintumor-flax/{FORMAT_VERSION}"})
+        config = {**config, "ood": {**{k: v for k, v in ood.items() if k not in OOD_ARRAYS}, "arrays_file": OOD_FILE}}
+    elif path.is_file():
+        path.unlink()  # statistics removed: a stale matrix file must not be picked up later
+    _write_json(folder / "config.json", config)
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json, with the OOD matrices from ood.safetensors put back into config["ood"]."""
+    folder = Path(folder)
+    config = _read_json(folder / "config.json")
+    ood = config.get("ood")
+    if isinstance(ood, dict) and "arrays_file" in ood:
+        # The file name is fixed, whatever config.json says, so a config cannot point the loader elsewhere.
+        arrays = load_file(str(folder / OOD_FILE))
+        config["ood"] = {**{k: v for k, v in ood.items() if k != "arrays_file"}, **arrays}
+    return config
 
 
 class BrainTumorPipeline(
@@ -133,7 +167,7 @@ class BrainTumorPipeline(
             save_file(cast(only), str(save_directory / task / "model.safetensors"), metadata=meta)
             _write_json(save_directory / task / "config.json", self.models[task].config.to_dict())
             _write_json(save_directory / task / "metrics.json", self.metrics.get(task, {}))
-        _write_json(save_directory / "config.json", self.config_dict())
+        write_config(save_directory, self.config_dict())
         _write_json(save_directory / "metrics.json", self.metrics)
         (save_directory / "README.md").write_text(self.model_card())
 
@@ -165,7 +199,7 @@ class BrainTumorPipeline(
     @classmethod
     def load_folder(cls, folder: str | Path) -> BrainTumorPipeline:
         folder = Path(folder)
-        config = _read_json(folder / "config.json")
+        config = read_config(folder)
         if not config:
             raise FileNotFoundError(f"no checkpoint at {folder} (config.json missing)")
         if config.get("format_version", 0) > FORMAT_VERSION:

@@ -16,7 +16,8 @@ Two cheap, explainable tests; an image is flagged when either fails:
    planes apart and misses grey non-MRI images (measured in benchmarks/eval_ood.py).
 
 `fit_ood(...)` computes the statistics once (the lead calls it at the end of training; they are stored in
-the checkpoint's `config.json` under `info["ood"]`); `ood_score(...)` / `OODDetector` apply them.
+the checkpoint as `info["ood"]`: limits in config.json, matrices in ood.safetensors, see `hub.write_config`);
+`ood_score(...)` / `OODDetector` apply them.
 `python -m braintumor_flax.ood fit --checkpoint DIR` fits them for an existing checkpoint.
 """
 
@@ -60,7 +61,7 @@ def pool_lower(lower_outputs: np.ndarray) -> np.ndarray:
 
 
 def _round(a: np.ndarray, digits: int = 7) -> Any:
-    """JSON-friendly nested lists with float32-level precision (keeps config.json small and diffable)."""
+    """Nested lists with float32-level precision (plain Python, so fitted statistics print and compare easily)."""
     return np.vectorize(lambda v: float(f"{v:.{digits}g}"), otypes=[float])(np.asarray(a, np.float64)).tolist()
 
 
@@ -238,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--checkpoint", default="checkpoints")
     fit.add_argument("--data", default=None)
     fit.add_argument("--false-alarm-rate", type=float, default=0.01)
-    fit.add_argument("--write", action="store_true", help="update the checkpoint's config.json in place")
+    fit.add_argument("--write", action="store_true", help="store them in the checkpoint")
     args = parser.parse_args(argv)
     stats = fit_for_checkpoint(args.checkpoint, args.data, false_alarm_rate=args.false_alarm_rate)
     if args.write:
-        config_path = Path(args.checkpoint) / "config.json"
-        config = json.loads(config_path.read_text())
+        from braintumor_flax.hub import read_config, write_config
+
+        config = read_config(args.checkpoint)
         config["ood"] = stats
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        print(f"wrote info['ood'] to {config_path}", file=sys.stderr)
+        write_config(args.checkpoint, config)
+        print(f"wrote info['ood'] to {args.checkpoint}/config.json and ood.safetensors", file=sys.stderr)
     else:
         json.dump({k: v for k, v in stats.items() if k not in ("means", "precision")}, sys.stdout, indent=2)
         print()

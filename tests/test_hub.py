@@ -171,3 +171,30 @@ def test_from_pretrained_with_a_repo_id_downloads_the_checkpoint_files(pipeline,
     images = jax.random.randint(jax.random.key(1), (1, 32, 32, 3), 0, 256).astype(jnp.uint8)
     for a, b in zip(_predict(pipeline, images), _predict(loaded, images), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ood_matrices_live_in_their_own_safetensors_file(pipeline, tmp_path):
+    """config.json keeps the OOD limits; the 512x512 precision matrix goes to ood.safetensors and comes back exact."""
+    from braintumor_flax.hub import OOD_FILE, read_config
+
+    rng = np.random.default_rng(0)
+    means, precision = rng.standard_normal((1, 512)), rng.standard_normal((512, 512))
+    pipeline.info["ood"] = {"means": means.tolist(), "precision": precision.tolist(), "distance_limit": 3.5,
+                            "feature": "lower_gap"}
+    try:
+        pipeline.save_pretrained(tmp_path / "ckpt")
+        config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+        assert config["ood"] == {"distance_limit": 3.5, "feature": "lower_gap", "arrays_file": OOD_FILE}
+        assert (tmp_path / "ckpt" / "config.json").stat().st_size < 50_000
+        loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
+        np.testing.assert_array_equal(loaded.info["ood"]["precision"], precision)
+        np.testing.assert_array_equal(loaded.info["ood"]["means"], means)
+        assert loaded.info["ood"]["distance_limit"] == 3.5 and "arrays_file" not in loaded.info["ood"]
+        # Saving what was loaded (arrays now numpy) works, and dropping the statistics removes the file.
+        loaded.save_pretrained(tmp_path / "again")
+        np.testing.assert_array_equal(read_config(tmp_path / "again")["ood"]["precision"], precision)
+        del loaded.info["ood"]
+        loaded.save_pretrained(tmp_path / "again")
+        assert not (tmp_path / "again" / OOD_FILE).exists() and "ood" not in read_config(tmp_path / "again")
+    finally:
+        del pipeline.info["ood"]
