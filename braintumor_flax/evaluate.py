@@ -547,13 +547,9 @@ def _git_commit() -> str | None:
 
 def load_checkpoint(source: str | Path) -> Checkpoint:
     """A local checkpoint folder, or a Hub repo id (downloaded once by huggingface_hub)."""
-    from braintumor_flax.hub import HUB_FILES, BrainTumorPipeline
+    from braintumor_flax.hub import BrainTumorPipeline, checkpoint_folder
 
-    folder = Path(source)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(repo_id=str(source), allow_patterns=HUB_FILES))
+    folder = checkpoint_folder(source)
     return Checkpoint(BrainTumorPipeline.load_folder(folder), folder, checkpoint_fingerprint(folder))
 
 

@@ -109,6 +109,14 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def checkpoint_folder(source: str | Path, **download_kwargs: Any) -> Path:
+    """A local checkpoint folder as is, or a Hub repo id downloaded (checkpoint files only) into the HF cache."""
+    folder = Path(source)
+    if folder.is_dir():
+        return folder
+    return Path(snapshot_download(repo_id=str(source), allow_patterns=HUB_FILES, **download_kwargs))
+
+
 class BrainTumorPipeline(
     ModelHubMixin,
     library_name="braintumor-flax",
@@ -188,13 +196,9 @@ class BrainTumorPipeline(
         token: str | bool | None,
         **_: Any,
     ) -> BrainTumorPipeline:
-        folder = Path(model_id)
-        if not folder.is_dir():
-            folder = Path(snapshot_download(
-                repo_id=model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
-                local_files_only=local_files_only, token=token, allow_patterns=HUB_FILES,
-            ))
-        return cls.load_folder(folder)
+        return cls.load_folder(checkpoint_folder(
+            model_id, revision=revision, cache_dir=cache_dir, force_download=force_download,
+            local_files_only=local_files_only, token=token))
 
     @classmethod
     def load_folder(cls, folder: str | Path) -> BrainTumorPipeline:
