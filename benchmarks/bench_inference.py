@@ -41,7 +41,6 @@ from braintumor_flax.imageio import decode_image, to_model_input  # noqa: E402
 from braintumor_flax.inference import Predictor  # noqa: E402
 from braintumor_flax.models.vgg16 import caffe_preprocess  # noqa: E402
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, PROJECT_ROOT  # noqa: E402
-from braintumor_flax.service import load_pipeline  # noqa: E402
 
 BRISC_TEST = DEFAULT_DATA_DIR / "brisc2025" / "classification_task" / "test"
 
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(PROJECT_ROOT / "results" / "bench_inference.json"))
     args = ap.parse_args(argv)
 
-    predictor = Predictor(load_pipeline(args.model), batch_size=8)
+    predictor = Predictor.from_pretrained(args.model, batch_size=8)
     size = predictor.image_size
     files = test_images(8)
     x8 = np.stack([to_model_input(decode_image(f), size) for f in files])

@@ -34,7 +34,6 @@ from braintumor_flax.imageio import to_model_input  # noqa: E402
 from braintumor_flax.inference import Predictor  # noqa: E402
 from braintumor_flax.ood import OODDetector, fit_ood  # noqa: E402
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT  # noqa: E402
-from braintumor_flax.service import load_pipeline  # noqa: E402
 
 
 def _subsample(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
-    predictor = Predictor(load_pipeline(args.model), batch_size=16)
+    predictor = Predictor.from_pretrained(args.model, batch_size=16)
     data = prepare(image_size=predictor.image_size)
     stats = predictor.pipeline.info.get("ood") if args.use_checkpoint_stats else None
     if stats is None:

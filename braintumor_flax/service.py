@@ -19,7 +19,7 @@ import numpy as np
 
 from braintumor_flax import __version__
 from braintumor_flax.gradcam import gradcam_overlay
-from braintumor_flax.hub import BrainTumorPipeline, flat_params
+from braintumor_flax.hub import flat_params
 from braintumor_flax.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.inference import Predictor, resolve_model_source
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
@@ -101,11 +101,6 @@ class SliceResult:
         return out
 
 
-def load_pipeline(source: str | Path) -> BrainTumorPipeline:
-    """Both models from a folder or Hub repo id (built shape-only, then filled: see hub.load_folder)."""
-    return BrainTumorPipeline.from_pretrained(source)
-
-
 def checkpoint_fingerprint(predictor: Predictor) -> str:
     """12 hex digits over every parameter of both models: changes exactly when the weights do."""
     h = hashlib.sha256()
@@ -138,7 +133,7 @@ class BrainTumorService:
         batch_size 8: batches are padded to it, so a small batch request does not pay for 16 images.
         """
         resolved = resolve_model_source(source)
-        service = cls(Predictor(load_pipeline(resolved), batch_size=batch_size), source=resolved, **kwargs)
+        service = cls(Predictor.from_pretrained(resolved, batch_size=batch_size), source=resolved, **kwargs)
         if warm_up:
             service.warm_up()
         return service

@@ -108,10 +108,8 @@ def test_overlay_shape_and_limits():
 
 def test_fast_checkpoint_load_gives_the_same_model(predictor, images, tmp_path):
     """The app's loader skips random initialisation; the loaded pipeline must predict identically."""
-    from braintumor_flax.service import load_pipeline
-
     predictor.pipeline.save_pretrained(tmp_path / "ckpt")
-    fast = Predictor(load_pipeline(tmp_path / "ckpt"), batch_size=2).predict_arrays(images)
+    fast = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=2).predict_arrays(images)
     plain = predictor.predict_arrays(images)
     np.testing.assert_array_equal(fast.tumor_logits, plain.tumor_logits)
     np.testing.assert_array_equal(fast.view_feature, plain.view_feature)

@@ -93,9 +93,8 @@ def checkpoint_predictor():
     if not (folder / "config.json").is_file():
         pytest.skip(f"no trained checkpoint in {folder} (train.py writes it)")
     from braintumor_flax.inference import Predictor
-    from braintumor_flax.service import load_pipeline
 
-    predictor = Predictor(load_pipeline(folder))
+    predictor = Predictor.from_pretrained(folder)
     if "ood" not in predictor.pipeline.info:
         pytest.skip("checkpoint has no OOD statistics (python -m braintumor_flax.ood fit --write)")
     return predictor
