@@ -39,11 +39,8 @@ def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData) -> dict:
     shared = pipeline.shares_lower_blocks or pipeline.view_model.config.shared_blocks == 4
     train_lower = lower_features(pipeline.view_model, train) if shared else None
     val_lower = lower_features(pipeline.view_model, val) if shared else None
-    view_model = pipeline.view_model
-    train_view_logits, train_feature = view_outputs(
-        view_model, train.images if train_lower is None else train_lower, from_lower=train_lower is not None)
     val_view_logits, val_feature = view_outputs(
-        view_model, val.images if val_lower is None else val_lower, from_lower=val_lower is not None)
+        pipeline.view_model, val.images if val_lower is None else val_lower, from_lower=val_lower is not None)
     if val_lower is None:  # lower blocks differ between the models: run the tumour model on pixels
         from braintumor_flax.inference import Predictor
 
@@ -62,7 +59,8 @@ def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData) -> dict:
     if train_lower is not None and val_lower is not None:
         pipeline.info["ood"] = fit_ood(pool_lower(train_lower), None, calibration_features=pool_lower(val_lower),
                                        images=train.images)
-    else:
+    else:  # only this fallback needs the training split's view outputs
+        train_view_logits, train_feature = view_outputs(pipeline.view_model, train.images, from_lower=False)
         pipeline.info["ood"] = fit_ood(train_feature, train_view_logits.argmax(-1), calibration_features=val_feature,
                                        images=train.images)
     return pipeline.info

