@@ -167,11 +167,10 @@ class OODDetector:
         self.limits = {**DEFAULT_IMAGE_LIMITS, **stats.get("image_limits", {})}
         self.has_features = "precision" in stats
         self.feature = stats.get("feature", "lower_gap")
-        if self.has_features and np.asarray(stats["means"]).shape[-1] != (LOWER_DIM if self.feature == "lower_gap"
-                                                                          else np.asarray(stats["means"]).shape[-1]):
-            raise ValueError("OOD statistics: 'feature' says lower_gap but the means are not 512-d")
         if self.has_features:
             self.means = np.asarray(stats["means"], np.float64)
+            if self.feature == "lower_gap" and self.means.shape[-1] != LOWER_DIM:
+                raise ValueError("OOD statistics: 'feature' says lower_gap but the means are not 512-d")
             self.precision = np.asarray(stats["precision"], np.float64)
             self.distance_limit = float(stats["distance_limit"])
 
