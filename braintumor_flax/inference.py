@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -79,20 +80,24 @@ class Predictor:
         """Compile for the batch shape now, so the first request is not slow."""
         self.predict_arrays(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
 
+    def _padded_batches(self, images: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, real rows, uint8 batch) per chunk. A lone image (the interactive case) gets its own compiled
+        batch-1 shape; every other chunk is zero-padded to batch_size, so each shape compiles once."""
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            padded = np.zeros((1 if len(chunk) == 1 else self.batch_size, *chunk.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            yield start, len(chunk), padded
+
     def predict_arrays(self, images: np.ndarray) -> Prediction:
         """uint8 RGB [N, S, S, 3] at the model's image size → calibrated probabilities."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected [N, {self.image_size}, {self.image_size}, 3] images, got {images.shape}")
         outs: list[tuple[np.ndarray, ...]] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            # Batches of 1 (the interactive case) get their own compiled shape; others are padded.
-            size = 1 if len(chunk) == 1 else self.batch_size
-            padded = np.zeros((size, *chunk.shape[1:]), np.uint8)
-            padded[: len(chunk)] = chunk
+        for _, n, padded in self._padded_batches(images):
             result = self._forward(*self._states, jnp.asarray(padded))
-            outs.append(tuple(np.asarray(r)[: len(chunk)] for r in result))
+            outs.append(tuple(np.asarray(r)[:n] for r in result))
         if not outs:
             empty = np.zeros((0,), np.float32)
             return Prediction(empty.reshape(0, 3), empty.reshape(0, 4), empty.reshape(0, 128),
@@ -124,16 +129,12 @@ class Predictor:
             raise ValueError(f"expected [N, {self.image_size}, {self.image_size}, 3] images, got {images.shape}")
         targets = np.full((len(images),), -1, np.int32) if target is None else np.asarray(target, np.int32)
         parts = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            size = 1 if len(chunk) == 1 else self.batch_size
-            padded = np.zeros((size, *chunk.shape[1:]), np.uint8)
-            padded[: len(chunk)] = chunk
-            chunk_targets = np.full((size,), -1, np.int32)
-            chunk_targets[: len(chunk)] = targets[start : start + self.batch_size]
+        for start, n, padded in self._padded_batches(images):
+            chunk_targets = np.full((len(padded),), -1, np.int32)
+            chunk_targets[:n] = targets[start : start + n]
             out = gradcam(padded, chunk_targets)
-            parts.append([a[: len(chunk)] for a in (out.view_logits, out.tumor_logits, out.view_feature, out.cam,
-                                                     out.lower_pooled)])
+            parts.append([a[:n] for a in (out.view_logits, out.tumor_logits, out.view_feature, out.cam,
+                                          out.lower_pooled)])
         if not parts:
             side = self.image_size // 16
             return self.predict_arrays(images), np.zeros((0, side, side), np.float32), np.zeros((0, 512), np.float32)
