@@ -1,7 +1,7 @@
 """Hugging Face Space / local entry point: `python app.py` serves the app on http://127.0.0.1:7860.
 
 The model comes from ./checkpoints, or from $BRAINTUMOR_FLAX_MODEL (a folder or a Hub repo id).
-Everything else lives in `braintumor_flax.app_ui` (layout, endpoints) and `braintumor_flax.service`.
+Everything else lives in `braintumor_flax.serve.app_ui` (layout, endpoints) and `braintumor_flax.serve.service`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ def main() -> None:
     ui_import = threading.Thread(target=importlib.import_module, args=("gradio",), name="import-gradio")
     ui_import.start()
 
-    from braintumor_flax.xla_flags import configure_xla_cpu
-
-    configure_xla_cpu()  # before jax is imported: XLA's own CPU convolutions beat its YNNPACK path here
     import jax
 
     from braintumor_flax.paths import cache_dir
@@ -30,7 +27,7 @@ def main() -> None:
     # Compiled programs persist across restarts (a restarted Space or local run skips most compile time).
     jax.config.update("jax_compilation_cache_dir", str(cache_dir("xla")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from braintumor_flax.service import BrainTumorService
+    from braintumor_flax.serve.service import BrainTumorService
 
     t_import = time.perf_counter()
     service = BrainTumorService.from_pretrained(warm_up=False)
@@ -38,7 +35,7 @@ def main() -> None:
     service.warm_up()  # compile the single-image path before serving
     t_compile = time.perf_counter()
     ui_import.join()
-    from braintumor_flax.app_ui import build_demo, configure_queue, launch_kwargs
+    from braintumor_flax.serve.app_ui import build_demo, configure_queue, launch_kwargs
 
     demo = configure_queue(build_demo(service))
     print(f"model {service.model_version} ready in {time.perf_counter() - _START:.1f} s (imports "

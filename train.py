@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from braintumor_flax.cli import train_main
+from braintumor_flax.training.cli import train_main
 
 if __name__ == "__main__":
     raise SystemExit(train_main())

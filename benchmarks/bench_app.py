@@ -55,7 +55,7 @@ def _free_port() -> int:
 class App:
     """`python app.py` in a subprocess with its own port, Gradio temp dir and (optionally) XLA cache."""
 
-    def __init__(self, model: str, xla_cache: Path, work: Path):
+    def __init__(self, model: str, xla_cache: Path, work: Path, root: Path = ROOT):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = {**os.environ, "BRAINTUMOR_FLAX_MODEL": model, "GRADIO_SERVER_PORT": str(self.port),
@@ -63,7 +63,8 @@ class App:
                "BRAINTUMOR_FLAX_CACHE": str(xla_cache), "PYTHONUNBUFFERED": "1"}
         self.log = (work / f"app_{self.port}.log").open("wb")
         self.started = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=self.log,
+        # cwd = the checkout: its app.py puts its own package first on sys.path (a baseline checkout runs its code).
+        self.process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
 
     def first_answer(self, timeout: float = 600) -> tuple[float, dict]:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from braintumor_flax.data import prepare
+from braintumor_flax.data.datasets import prepare
 from braintumor_flax.paths import PROJECT_ROOT, default_data_dir
 
 

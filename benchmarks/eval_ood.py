@@ -1,13 +1,13 @@
 """How well the OOD check works: false alarms on the MRI test sets, detection on images that are not brain MRI.
 
-Fits the statistics (`braintumor_flax.ood.fit_ood`) on the checkpoint's view features of the training split
-(calibrated on the validation split), unless `--use-checkpoint-stats` and the checkpoint already has them;
+Fits the statistics as training does (`training.fit_statistics.fit_ood_statistics`: pooled lower-block outputs of
+the checkpoint's training split, limit on its validation split), unless `--use-checkpoint-stats`;
 then scores BRISC 2025 test and Kaggle Testing (deduplicated, as prepared for evaluation), generated
 non-MRI images (noise, gradients, text pages, synthetic photo and radiograph look-alikes, ...) and the real
-photographs that installed packages ship. Writes results/ood_eval.json; `--write-stats` also stores the
-fitted statistics in the checkpoint (info["ood"]: config.json + ood.safetensors), where the app reads them.
+photographs that installed packages ship. Writes results/ood_eval.json. To store refitted statistics in a
+checkpoint, run `python -m braintumor_flax.training.fit_statistics`.
 
-    python benchmarks/eval_ood.py [--model checkpoints] [--n-train 0] [--write-stats]
+    python benchmarks/eval_ood.py [--model checkpoints] [--use-checkpoint-stats]
 """
 
 from __future__ import annotations
@@ -22,18 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from braintumor_flax.xla_flags import configure_xla_cpu  # noqa: E402
-
-configure_xla_cpu()
 
 import numpy as np  # noqa: E402
 
-from braintumor_flax import ood_samples  # noqa: E402
-from braintumor_flax.data import prepare  # noqa: E402
-from braintumor_flax.imageio import to_model_input  # noqa: E402
-from braintumor_flax.inference import Predictor  # noqa: E402
-from braintumor_flax.ood import OODDetector, fit_ood  # noqa: E402
+from braintumor_flax.data import ood_samples  # noqa: E402
+from braintumor_flax.data.imageio import to_model_input  # noqa: E402
+from braintumor_flax.ood import OODDetector  # noqa: E402
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT  # noqa: E402
+from braintumor_flax.serve.predictor import Predictor  # noqa: E402
+from braintumor_flax.training.fit_statistics import fit_ood_statistics, prepare_training_data  # noqa: E402
 
 
 def _subsample(n_total: int, n: int, seed: int) -> np.ndarray:
@@ -43,11 +40,12 @@ def _subsample(n_total: int, n: int, seed: int) -> np.ndarray:
 
 
 def _predict(predictor: Predictor, images: np.ndarray, label: str, feature: str = "lower_gap"):
-    """(prediction, OOD features of the requested kind)."""
+    """(prediction, OOD features of the kind the statistics were fitted on), as the app computes them."""
     t = time.perf_counter()
-    prediction, _, pooled = predictor.explain_arrays(images)
+    prediction = predictor.explain_arrays(images)
     print(f"  {label}: {len(images)} images in {time.perf_counter() - t:.0f} s", flush=True)
-    return prediction, (pooled if feature == "lower_gap" else prediction.view_feature)
+    outputs = prediction.outputs
+    return prediction, (outputs.lower_pooled if feature == "lower_gap" else outputs.view_feature)
 
 
 def _which(result) -> str:
@@ -64,33 +62,21 @@ def _which(result) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_CHECKPOINT_DIR))
-    ap.add_argument("--n-train", type=int, default=0, help="subsample the training split (0 = all)")
-    ap.add_argument("--n-val", type=int, default=0, help="subsample the validation split (0 = all)")
     ap.add_argument("--n-test", type=int, default=0, help="subsample each test set (0 = all)")
     ap.add_argument("--n-per-kind", type=int, default=20, help="generated images per kind")
-    ap.add_argument("--false-alarm-rate", type=float, default=0.01)
-    ap.add_argument("--use-checkpoint-stats", action="store_true")
-    ap.add_argument("--feature", choices=["lower_gap", "view_feature"], default="lower_gap")
-    ap.add_argument("--write-stats", action="store_true")
+    ap.add_argument("--use-checkpoint-stats", action="store_true",
+                    help="score with the checkpoint's statistics instead of refitting them")
     ap.add_argument("--stats-out", default=None, help="also save the fitted statistics to this JSON file")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "results" / "ood_eval.json"))
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
     predictor = Predictor.from_pretrained(args.model, batch_size=16)
-    data = prepare(image_size=predictor.image_size)
-    stats = predictor.pipeline.info.get("ood") if args.use_checkpoint_stats else None
-    if stats is None:
+    data = prepare_training_data(predictor.pipeline, None)
+    stats = predictor.pipeline.info.ood if args.use_checkpoint_stats else None
+    if stats is None:  # the same fit training runs (training.fit_statistics), on the checkpoint's own split
         print("fitting OOD statistics", flush=True)
-        train = data.splits["train"].subset(_subsample(len(data.splits["train"]), args.n_train, 0))
-        val = data.splits["val"].subset(_subsample(len(data.splits["val"]), args.n_val, 1))
-        train_pred, train_feat = _predict(predictor, train.images, "train", args.feature)
-        _, val_feat = _predict(predictor, val.images, "val", args.feature)
-        # View features are grouped by predicted plane (Kaggle has no plane labels); lower features: one mean.
-        labels = train_pred.view_probs.argmax(axis=1) if args.feature == "view_feature" else None
-        stats = fit_ood(train_feat, labels, calibration_features=val_feat, images=train.images,
-                        false_alarm_rate=args.false_alarm_rate, feature=args.feature)
-        stats["fit_subsample"] = {"train": len(train), "val": len(val)}
+        stats = fit_ood_statistics(predictor.pipeline, data)
     detector = OODDetector(stats)
 
     report: dict = {"model": args.model, "feature": detector.feature,
@@ -139,13 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:22s} detected {row['detected']:3d}/{row['n']:3d}  {row['by_check']}")
     if args.stats_out:
         Path(args.stats_out).write_text(json.dumps(stats) + "\n")
-    if args.write_stats:
-        from braintumor_flax.hub import read_config, write_config
-
-        config = read_config(args.model)
-        config["ood"] = stats
-        write_config(args.model, config)
-        print(f"wrote info['ood'] into {args.model} (config.json, ood.safetensors)")
     return 0
 
 

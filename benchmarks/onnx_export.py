@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from braintumor_flax.hub import BrainTumorPipeline, flat_params
+from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.models.params import flat_params
 from braintumor_flax.models.vgg16 import CAFFE_MEAN_BGR, VGG16_BLOCKS
 
 
@@ -67,7 +68,7 @@ def export_onnx(pipeline: BrainTumorPipeline, kind: Literal["trunk", "both"] = "
     view = {k: v.astype(np.float32) for k, v in flat_params(pipeline.view_model).items()}
     tumor = {k: v.astype(np.float32) for k, v in flat_params(pipeline.tumor_model).items()}
     size = pipeline.view_model.config.image_size
-    shared = pipeline.view_model.config.shared_blocks
+    shared = pipeline.view_model.config.lower_blocks
     g = _Graph()
     x = g.op("Cast", ["images"], to=TensorProto.FLOAT)
     x = g.op("Gather", [x, g.const(np.array([2, 1, 0], np.int64), "bgr")], axis=3)  # RGB → BGR

@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
 
 DEFAULT_BINS = 15  # equal-width confidence bins, as in Guo et al.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -24,7 +22,19 @@ def _as_labels(labels: np.ndarray, n: int) -> np.ndarray:
     return y
 
 
+def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable log-softmax (the same operations as scipy.special.log_softmax, without importing
+    scipy into the server)."""
+    z = np.asarray(z)
+    z_max = np.max(z, axis=axis, keepdims=True)
+    z_max[~np.isfinite(z_max)] = 0
+    shifted = z - z_max
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """float64 softmax(logits / T): the one softmax of the project (serving, evaluation, reports)."""
     z = np.asarray(logits, np.float64) / float(temperature)
     return np.exp(log_softmax(z, axis=-1))
 
@@ -50,6 +60,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
     y = _as_labels(labels, len(z))
     if not len(y):
         return 1.0
+    from scipy.optimize import minimize_scalar  # training/evaluation only: keeps scipy out of the server
+
     lo, hi = bounds
     result = minimize_scalar(lambda beta: nll(z, y, 1.0 / beta), bounds=(1.0 / hi, 1.0 / lo), method="bounded",
                              options={"xatol": 1e-7})
@@ -113,3 +125,27 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, temperature: floa
         "ece_bins": n_bins,
         "reliability": {"raw": raw_diagram, "calibrated": cal_diagram},
     }
+
+
+def fit_model_temperatures(view_logits: np.ndarray | None, planes: np.ndarray, tumor_logits: np.ndarray,
+                           tumors: np.ndarray) -> dict[str, Any]:
+    """Both models' temperatures on a validation split's labelled rows (label < 0 = unknown, e.g. Kaggle planes).
+
+    The one place temperatures are fitted: training's post-fit and evaluation both call it. Returns the
+    temperatures with what they were fitted on and the validation NLL before → after.
+    """
+    out: dict[str, Any] = {"method": "temperature scaling (min NLL)", "view_temperature": 1.0}
+    has_tumor = np.asarray(tumors) >= 0
+    out["tumor_temperature"] = fit_temperature(tumor_logits[has_tumor], tumors[has_tumor])
+    out["n_val_tumor"] = int(has_tumor.sum())
+    out["val_nll_tumor"] = [nll(tumor_logits[has_tumor], tumors[has_tumor], t) for t in (1.0, out["tumor_temperature"])]
+    n_planes = 0
+    if view_logits is not None:
+        has_plane = np.asarray(planes) >= 0
+        n_planes = int(has_plane.sum())
+        out["view_temperature"] = fit_temperature(view_logits[has_plane], planes[has_plane])
+        out["n_val_view"] = n_planes
+        out["val_nll_view"] = [nll(view_logits[has_plane], planes[has_plane], t)
+                               for t in (1.0, out["view_temperature"])]
+    out["fitted_on"] = f"validation split ({n_planes} plane / {out['n_val_tumor']} tumour labels)"
+    return out

@@ -19,46 +19,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from huggingface_hub import ModelHubMixin, snapshot_download
 from safetensors.numpy import load_file, save_file
 
 from braintumor_flax import __version__
+from braintumor_flax.checkpoint_info import CheckpointInfo
 from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
+from braintumor_flax.models.params import flat_params, load_flat_params
+from braintumor_flax.reports.model_card import render_model_card
 
 FORMAT_VERSION = 1
 TASKS = ("view", "tumor")
 SHARED_FILE = "shared.safetensors"
 OOD_FILE = "ood.safetensors"
-OOD_ARRAYS = ("means", "precision")  # the large parts of info["ood"]; its scalars and limits stay in config.json
+OOD_ARRAYS = ("means", "precision")  # the large parts of CheckpointInfo.ood; its scalars and limits stay in config.json
 HUB_FILES = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "README.md", "*.png"]
-
-
-def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Parameters as {"vgg.block1_conv1.kernel": array}: names that read like the layers they belong to."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {".".join(str(p) for p in path): np.asarray(var.get_value()) for path, var in flat}
-
-
-def load_flat_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
-    """Assign named arrays into a model in place; every parameter must be present with its shape."""
-    state = nnx.state(model, nnx.Param)
-    flat = nnx.to_flat_state(state)
-    missing = []
-    for path, var in flat:
-        name = ".".join(str(p) for p in path)
-        if name not in params:
-            missing.append(name)
-            continue
-        value = params[name]
-        if value.shape != var.get_value().shape:
-            raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {var.get_value().shape}")
-        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
-    if missing:
-        raise ValueError(f"checkpoint lacks parameters: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    nnx.update(model, nnx.from_flat_state(flat))
 
 
 def split_shared(
@@ -131,13 +108,13 @@ class BrainTumorPipeline(
         self,
         view_model: ViewClassifier,
         tumor_model: TumorClassifier,
-        info: dict[str, Any] | None = None,
+        info: CheckpointInfo | None = None,
         metrics: dict[str, Any] | None = None,
     ):
         self.view_model = view_model
         self.tumor_model = tumor_model
         # Calibration temperatures, OOD statistics, training recipe and data provenance.
-        self.info: dict[str, Any] = dict(info or {})
+        self.info = info if info is not None else CheckpointInfo()
         self.metrics: dict[str, Any] = dict(metrics or {})
 
     @property
@@ -147,7 +124,7 @@ class BrainTumorPipeline(
     @property
     def shares_lower_blocks(self) -> bool:
         """True when both models hold identical frozen lower blocks, so the trunk can run once per image."""
-        return bool(self.info.get("shared_lower_blocks", False))
+        return self.info.shared_lower_blocks
 
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -155,16 +132,16 @@ class BrainTumorPipeline(
             "library": "braintumor-flax",
             "library_version": __version__,
             "models": {task: model.config.to_dict() for task, model in self.models.items()},
-            **self.info,
+            **self.info.to_dict(),
         }
 
     def _save_pretrained(self, save_directory: Path, *, dtype: str = "float32") -> None:
         save_directory = Path(save_directory)
         view, tumor = flat_params(self.view_model), flat_params(self.tumor_model)
         shared, view_only, tumor_only = split_shared(view, tumor)
-        shared_blocks = self.view_model.config.shared_blocks
-        lower_names = [k for k in view if any(f"block{b}_" in k for b in range(1, shared_blocks + 1))]
-        self.info["shared_lower_blocks"] = bool(lower_names) and all(k in shared for k in lower_names)
+        split = self.view_model.config.lower_blocks
+        lower_names = [k for k in view if any(f"block{b}_" in k for b in range(1, split + 1))]
+        self.info.shared_lower_blocks = bool(lower_names) and all(k in shared for k in lower_names)
         cast = (lambda d: {k: v.astype(dtype) for k, v in d.items()}) if dtype != "float32" else (lambda d: d)
         # One metadata key: safetensors writes its metadata map in hash order, so with two keys the same tensors
         # could give different bytes (and a new blob for git and the Hub) on every save.
@@ -180,8 +157,6 @@ class BrainTumorPipeline(
         (save_directory / "README.md").write_text(self.model_card())
 
     def model_card(self) -> str:
-        from braintumor_flax.model_card import render_model_card
-
         return render_model_card(self.config_dict(), self.metrics)
 
     @classmethod
@@ -218,6 +193,5 @@ class BrainTumorPipeline(
             params = {**shared, **load_file(str(folder / task / "model.safetensors"))}
             load_flat_params(model, {k: v.astype(np.float32) for k, v in params.items()})
             models[task] = model
-        info = {k: v for k, v in config.items()
-                if k not in ("models", "format_version", "library", "library_version")}
-        return cls(models["view"], models["tumor"], info=info, metrics=_read_json(folder / "metrics.json"))
+        return cls(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config),
+                   metrics=_read_json(folder / "metrics.json"))

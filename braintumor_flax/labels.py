@@ -30,11 +30,3 @@ def normalize_plane(name: str) -> str:
         return _PLANE_ALIASES[name.strip().lower()]
     except KeyError:
         raise ValueError(f"unknown view plane {name!r}; expected one of {PLANES}") from None
-
-
-def tumor_index(name: str) -> int:
-    return TUMOR_CLASSES.index(normalize_tumor(name))
-
-
-def plane_index(name: str) -> int:
-    return PLANES.index(normalize_plane(name))

@@ -15,19 +15,16 @@ Two cheap, explainable tests; an image is flagged when either fails:
    model's 128-d feature can be used instead (`feature="view_feature"`), but it was trained only to tell
    planes apart and misses grey non-MRI images (measured in benchmarks/eval_ood.py).
 
-`fit_ood(...)` computes the statistics once (the lead calls it at the end of training; they are stored in
-the checkpoint as `info["ood"]`: limits in config.json, matrices in ood.safetensors, see `hub.write_config`);
-`ood_score(...)` / `OODDetector` apply them.
-`python -m braintumor_flax.ood fit --checkpoint DIR` fits them for an existing checkpoint.
+`fit_ood(...)` computes the statistics once (`training.fit_statistics` calls it at the end of training; they
+are stored in the checkpoint as `CheckpointInfo.ood`: limits in config.json, matrices in ood.safetensors, see
+`hub.write_config`);
+`OODDetector` applies them. `python -m braintumor_flax.training.fit_statistics --checkpoint DIR` refits them
+(with the temperatures) for an existing checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +80,7 @@ def fit_ood(
     shrinkage: float = 0.1,
     feature: str | None = None,
 ) -> dict[str, Any]:
-    """Statistics for `info["ood"]` from training-set view features (and images).
+    """Statistics for `CheckpointInfo.ood` from training-set view features (and images).
 
     features: float [N, D] of the training slices: `lower_gap` = the [N, 8, 8, 512] output of the shared
     lower blocks averaged over space (`pool_lower`; training caches that output anyway), or the view
@@ -159,7 +156,7 @@ class OODResult:
 
 
 class OODDetector:
-    """`info["ood"]` (or nothing: image checks with default limits only) ready for scoring."""
+    """`CheckpointInfo.ood` (or nothing: image checks with default limits only) ready for scoring."""
 
     def __init__(self, stats: dict[str, Any] | None = None):
         stats = stats or {}
@@ -169,8 +166,9 @@ class OODDetector:
         self.feature = stats.get("feature", "lower_gap")
         if self.has_features:
             self.means = np.asarray(stats["means"], np.float64)
-            if self.feature == "lower_gap" and self.means.shape[-1] != LOWER_DIM:
-                raise ValueError("OOD statistics: 'feature' says lower_gap but the means are not 512-d")
+            expected = int(stats.get("feature_dim", LOWER_DIM))
+            if self.means.shape[-1] != expected:
+                raise ValueError(f"OOD statistics: the means are {self.means.shape[-1]}-d, not {expected}-d")
             self.precision = np.asarray(stats["precision"], np.float64)
             self.distance_limit = float(stats["distance_limit"])
 
@@ -207,52 +205,3 @@ class OODDetector:
             results.append(OODResult(bool(reasons), float(score), fscore,
                                      {"colour": float(colour), "white_fraction": float(white)}, reasons))
         return results
-
-
-def ood_score(features: np.ndarray | None, ood: dict[str, Any] | None, *, images: np.ndarray) -> list[OODResult]:
-    """One-shot form of `OODDetector(ood)(features, images)`."""
-    return OODDetector(ood)(features, images)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: fit for an existing checkpoint, or measure false alarms / detection
-
-
-def fit_for_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Lower-block features of the prepared training split, limit calibrated on the validation split."""
-    from braintumor_flax.data import prepare
-    from braintumor_flax.inference import Predictor
-
-    predictor = Predictor.from_pretrained(checkpoint)
-    data = prepare(data_dir, image_size=predictor.image_size)
-    train, val = data.splits["train"], data.splits["val"]
-    train_pooled = predictor.explain_arrays(train.images)[2]
-    val_pooled = predictor.explain_arrays(val.images)[2]
-    return fit_ood(train_pooled, None, calibration_features=val_pooled, images=train.images, **kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m braintumor_flax.ood", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="fit OOD statistics for a checkpoint (prints JSON; --write stores them)")
-    fit.add_argument("--checkpoint", default="checkpoints")
-    fit.add_argument("--data", default=None)
-    fit.add_argument("--false-alarm-rate", type=float, default=0.01)
-    fit.add_argument("--write", action="store_true", help="store them in the checkpoint")
-    args = parser.parse_args(argv)
-    stats = fit_for_checkpoint(args.checkpoint, args.data, false_alarm_rate=args.false_alarm_rate)
-    if args.write:
-        from braintumor_flax.hub import read_config, write_config
-
-        config = read_config(args.checkpoint)
-        config["ood"] = stats
-        write_config(args.checkpoint, config)
-        print(f"wrote info['ood'] to {args.checkpoint}/config.json and ood.safetensors", file=sys.stderr)
-    else:
-        json.dump({k: v for k, v in stats.items() if k not in ("means", "precision")}, sys.stdout, indent=2)
-        print()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

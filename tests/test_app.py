@@ -256,7 +256,7 @@ def test_batch_view_table_counts_and_csv(client):
 
 
 def test_non_mri_images_are_flagged_not_labelled(client, tmp_path):
-    from braintumor_flax import ood_samples
+    from braintumor_flax.data import ood_samples
 
     rng = np.random.default_rng(3)
     for kind, maker in (("photo", ood_samples.photo_like), ("page", ood_samples.document),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor_flax import batch
-from braintumor_flax.imageio import decode_image
+from braintumor_flax.data.imageio import decode_image
+from braintumor_flax.serve import uploads as batch
 
 
 def _jpeg(value: int = 80, size: int = 32) -> bytes:

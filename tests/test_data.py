@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor_flax import dedup
-from braintumor_flax.data import Record, Split, _stratified_val, discover, discover_detailed, prepare
-from braintumor_flax.imageio import decode_image
+from braintumor_flax.data import dedup
+from braintumor_flax.data.datasets import Record, Split, _stratified_val, discover, discover_detailed, prepare
+from braintumor_flax.data.imageio import decode_image
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 
 KAGGLE_CLASSES = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
@@ -188,14 +188,14 @@ def test_prepare_split_contents(prepared, fake_root):
         if "09002" not in path:
             assert TUMOR_CLASSES[tr.tumor[k]] == folder
     k = tr.paths.index(next(p for p in tr.paths if p.startswith("kaggle-copy")))
-    from braintumor_flax.imageio import to_model_input
+    from braintumor_flax.data.imageio import to_model_input
     np.testing.assert_array_equal(tr.images[k], to_model_input(decode_image(fake_root["root"] / tr.paths[k]), 32))
 
 
 def test_prepare_report_is_json_and_formats(prepared):
     import json
 
-    from braintumor_flax.data import format_report
+    from braintumor_flax.data.datasets import format_report
     json.dumps(prepared.report)
     text = format_report(prepared.report)
     assert "conflicting-label groups (all copies dropped): 1" in text and "Tr-bad.jpg" in text
@@ -325,7 +325,7 @@ def test_split_subset():
 def test_augment_deterministic_and_any_channels():
     import jax
 
-    from braintumor_flax.augment import augment_batch
+    from braintumor_flax.training.augment import augment_batch
     x = np.random.default_rng(0).random((6, 8, 8, 5), np.float32)
     a, b = augment_batch(jax.random.key(1), x), augment_batch(jax.random.key(1), x)
     c = augment_batch(jax.random.key(2), x)
@@ -337,7 +337,7 @@ def test_augment_deterministic_and_any_channels():
 def test_augment_flips_are_exact_flips():
     import jax
 
-    from braintumor_flax.augment import augment_batch
+    from braintumor_flax.training.augment import augment_batch
     x = np.random.default_rng(0).random((16, 6, 7, 3), np.float32)
     y = np.asarray(augment_batch(jax.random.key(3), x, zoom=0.0))
     kinds = []
@@ -354,7 +354,7 @@ def test_augment_flips_are_exact_flips():
 def test_augment_zoom_keeps_centre_and_zero_fills():
     import jax
 
-    from braintumor_flax.augment import augment_batch
+    from braintumor_flax.training.augment import augment_batch
     ones = np.ones((32, 16, 16, 1), np.float32)
     y = np.asarray(augment_batch(jax.random.key(0), ones, hflip=False, vflip=False, zoom=0.3))
     np.testing.assert_allclose(y[:, 6:10, 6:10], 1.0, atol=1e-5)  # the centre always stays inside

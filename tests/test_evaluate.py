@@ -1,4 +1,4 @@
-"""End-to-end `python -m braintumor_flax.evaluate` on a tiny generated dataset with stand-in checkpoints."""
+"""End-to-end `python -m braintumor_flax.evaluation` on a tiny generated dataset with stand-in checkpoints."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor_flax import evaluate, readme_table
 from braintumor_flax.calibration import softmax
-from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.data.datasets import Split
+from braintumor_flax.evaluation import evaluate
 from braintumor_flax.labels import TUMOR_CLASSES
-from braintumor_flax.models import ModelConfig, build_model
+from braintumor_flax.models.forward import Forward
+from braintumor_flax.reports import readme as readme_table
 
 pytestmark = pytest.mark.slow  # one end-to-end run (~1 min of CPU) shared by the tests of this module
 
@@ -52,25 +53,15 @@ def _make_data(root: Path) -> dict[str, int]:
 
 
 def _make_checkpoints(main: Path, ablation: Path) -> None:
-    """Main (tumour model with the view branch) and ablation (without), random heads.
+    """Main (tumour model with the view branch) and ablation (without), random heads, the same lower blocks in
+    every model of both checkpoints (as after frozen-trunk training), so one trunk pass serves all of them."""
+    from conftest import make_tiny_pipeline
 
-    As after frozen-trunk training, the lower VGG blocks are identical in every model of both checkpoints,
-    so one trunk pass serves all of them. Three model builds only: building is slow on a busy CPU.
-    """
-    view = build_model(ModelConfig("view", image_size=SIZE), seed=1)
-    tumor = build_model(ModelConfig("tumor", image_size=SIZE), seed=2)
-    tumor_ablation = build_model(ModelConfig("tumor", image_size=SIZE, view_projection_dim=0), seed=3)
-    for model in (tumor, tumor_ablation):
-        for b in range(1, 5):
-            for c in range(1, 4):
-                name = f"block{b}_conv{c}"
-                if hasattr(model.vgg, name):
-                    for attr in ("kernel", "bias"):
-                        getattr(getattr(model.vgg, name), attr).set_value(
-                            getattr(getattr(view.vgg, name), attr).get_value())
-    info = {"training": {"recipe": "stand-in"}}
-    BrainTumorPipeline(view, tumor, info=dict(info)).save_pretrained(main)
-    BrainTumorPipeline(view, tumor_ablation, info=dict(info)).save_pretrained(ablation)
+    main_pipeline = make_tiny_pipeline(image_size=SIZE, seed=1)
+    ablation_pipeline = make_tiny_pipeline(image_size=SIZE, seed=1, use_view_feature=False)
+    ablation_pipeline.view_model = main_pipeline.view_model
+    main_pipeline.save_pretrained(main)
+    ablation_pipeline.save_pretrained(ablation)
 
 
 def _digest(folder: Path) -> str:
@@ -101,7 +92,8 @@ def run(tmp_path_factory):
         def no_forward(*a, **k):
             raise AssertionError("forward pass ran although every logit was cached")
 
-        mp.setattr(evaluate.MultiForward, "__call__", no_forward)
+        mp.setattr(Forward, "__call__", no_forward)
+        mp.setattr(Forward, "lower", no_forward)
         lower_files = sorted((root / "cache" / "predictions").glob("lower_*.npy"))
         assert evaluate.main([*args, "--out", str(root / "results2"), "--no-plots"]) == 0
         second = json.loads((root / "results2" / "metrics.json").read_text())
@@ -163,7 +155,7 @@ def test_figures_written(run):
 
 
 def test_checkpoint_gets_temperatures_and_metrics_but_keeps_its_weights(run):
-    from braintumor_flax.inference import Predictor
+    from braintumor_flax.serve.predictor import Predictor
 
     ckpt, m = run["ckpt"], run["metrics"]
     assert _digest(ckpt) == run["weights_before"]
@@ -176,7 +168,8 @@ def test_checkpoint_gets_temperatures_and_metrics_but_keeps_its_weights(run):
     card = (ckpt / "README.md").read_text()
     assert f"{m['tumor']['kaggle_test']['accuracy']:.3f}" in card and "Ablation" in card
     # The app's predictor now returns calibrated probabilities.
-    assert Predictor.from_pretrained(ckpt).tumor_temperature == pytest.approx(m["calibration"]["tumor_temperature"])
+    served = Predictor.from_pretrained(ckpt).calibration
+    assert served.tumor_temperature == pytest.approx(m["calibration"]["tumor_temperature"])
 
 
 def test_second_run_reuses_cache_and_temperatures(run):
@@ -212,31 +205,30 @@ def test_readme_without_markers_is_left_alone(tmp_path):
     assert readme.read_text() == "no markers here\n"
 
 
-def test_multi_forward_matches_the_inference_core(run):
-    """Evaluation's batched forward (shared trunk across checkpoints) gives the app's logits."""
-    from braintumor_flax.inference import Predictor
+def test_evaluation_logits_are_the_apps(run):
+    """Evaluation's logits (trunk shared across checkpoints, read back from the cache) equal the app's."""
+    from braintumor_flax.evaluation.predictions import load_checkpoint, predict_splits
+    from braintumor_flax.serve.predictor import Predictor
 
-    images = np.random.default_rng(3).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
-    main, abl = (BrainTumorPipeline.load_folder(p) for p in (run["ckpt"], run["ablation"]))
-    forward = evaluate.MultiForward([main, abl], with_view=[True, False], batch_size=4)
-    assert forward.n_lower == 1  # one trunk pass serves both checkpoints
-    ours_main, ours_abl = forward(images)
-    ref_main = Predictor(main, batch_size=8).predict_arrays(images)
-    np.testing.assert_allclose(ours_main.view, ref_main.view_logits, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours_main.tumor, ref_main.tumor_logits, rtol=1e-4, atol=1e-4)
-    # The ablation model has no view branch: its plain forward is the reference.
-    np.testing.assert_allclose(ours_abl.tumor, np.asarray(abl.tumor_model(images)), rtol=1e-4, atol=1e-4)
-    assert ours_abl.view is None
-    # Lower-block outputs fed from a cache give the same logits as computing them.
-    forward(images, keep_lowers=True)
-    from_cache = forward(images, lowers=forward.last_lowers)
-    np.testing.assert_allclose(from_cache[0].tumor, ours_main.tumor, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(from_cache[1].tumor, ours_abl.tumor, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(3)
+    n = 5
+    split = Split("x", rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8), np.zeros(n, np.int32),
+                  np.full(n, -1, np.int32), np.array(["k"] * n), [f"p{i}" for i in range(n)],
+                  [str(i) for i in range(n)])
+    main, abl = load_checkpoint(run["ckpt"]), load_checkpoint(run["ablation"])
+    for cache in (None, run["root"] / "cache-forward", run["root"] / "cache-forward"):  # none, cold, warm
+        logits = predict_splits([("main", main, True), ("abl", abl, False)], {"x": split}, batch_size=4,
+                                cache=cache)
+        ref = Predictor(main.pipeline, batch_size=8).predict_arrays(split.images)
+        np.testing.assert_allclose(logits["main"]["x"].view, ref.view_logits, rtol=2e-4, atol=1e-3)
+        np.testing.assert_allclose(logits["main"]["x"].tumor, ref.tumor_logits, rtol=2e-4, atol=1e-3)
+        # The ablation model has no view branch: its plain forward is the reference.
+        np.testing.assert_allclose(logits["abl"]["x"].tumor, np.asarray(abl.pipeline.tumor_model(split.images)),
+                                   rtol=2e-4, atol=1e-3)
+        assert logits["abl"]["x"].view is None
 
 
 def test_stratified_subset_keeps_every_class():
-    from braintumor_flax.data import Split
-
     n = 40
     tumor = np.repeat(np.arange(4), 10).astype(np.int32)
     split = Split("x", np.zeros((n, 2, 2, 3), np.uint8), tumor, np.full(n, -1, np.int32),

@@ -6,38 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from braintumor_flax.gradcam import gradcam_overlay, heatmap_on_original
-from braintumor_flax.hub import BrainTumorPipeline
-from braintumor_flax.inference import Predictor
-from braintumor_flax.models import ModelConfig, build_model
-from braintumor_flax.models.vgg16 import VGG16_LAYERS
+from braintumor_flax.serve.overlay import gradcam_overlay, heatmap_on_original
+from braintumor_flax.serve.predictor import Predictor
 
 SIZE = 32
 
 
-def _quick_model(task: str, seed: int):
-    """A randomly initialised model without JAX's eager initialisers (seconds instead of ~20 s on 2 CPUs)."""
-    model = nnx.eval_shape(lambda: build_model(ModelConfig(task, image_size=SIZE)))
-    rng = np.random.default_rng(seed)
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        shape = var.get_value().shape
-        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        var.set_value(jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), shape) if len(shape) > 1
-                                  else rng.normal(0, 0.01, shape), jnp.float32))
-    return model
-
-
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    view = _quick_model("view", 3)
-    tumor = _quick_model("tumor", 4)
-    for layer in VGG16_LAYERS[:10]:  # blocks 1-4 identical, as after training with them frozen
-        src, dst = getattr(view.vgg, layer), getattr(tumor.vgg, layer)
-        dst.kernel.set_value(src.kernel.get_value())
-        dst.bias.set_value(src.bias.get_value())
-    return Predictor(BrainTumorPipeline(view, tumor, info={"shared_lower_blocks": True}), batch_size=2)
+def predictor(tiny_pipeline_factory) -> Predictor:
+    return Predictor(tiny_pipeline_factory(image_size=SIZE, seed=3), batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +36,8 @@ def _reference_cam(predictor: Predictor, image: np.ndarray, target: int) -> np.n
 
 def test_explain_matches_predict_and_reference(predictor, images):
     plain = predictor.predict_arrays(images)
-    explained, cams, pooled = predictor.explain_arrays(images)
+    explained = predictor.explain_arrays(images)
+    cams, pooled = explained.outputs.cam, explained.outputs.lower_pooled
     np.testing.assert_allclose(explained.tumor_probs, plain.tumor_probs, atol=1e-5)
     np.testing.assert_allclose(explained.view_probs, plain.view_probs, atol=1e-5)
     np.testing.assert_allclose(explained.tumor_probs.sum(1), 1, atol=1e-5)
@@ -71,15 +50,15 @@ def test_explain_matches_predict_and_reference(predictor, images):
 
 
 def test_explicit_target_class(predictor, images):
-    _, cams, _ = predictor.explain_arrays(images[:1], target=np.array([2]))
+    cams = predictor.explain_arrays(images[:1], target=np.array([2])).outputs.cam
     np.testing.assert_allclose(cams[0], _reference_cam(predictor, images[0], 2), rtol=1e-4, atol=1e-7)
 
 
 def test_single_image_and_empty_batch(predictor, images):
-    prediction, cams, _ = predictor.explain_arrays(images[:1])
-    assert prediction.view_probs.shape == (1, 3) and cams.shape == (1, 2, 2)
-    prediction, cams, _ = predictor.explain_arrays(images[:0])
-    assert prediction.tumor_probs.shape == (0, 4) and cams.shape[0] == 0
+    prediction = predictor.explain_arrays(images[:1])
+    assert prediction.view_probs.shape == (1, 3) and prediction.outputs.cam.shape == (1, 2, 2)
+    prediction = predictor.explain_arrays(images[:0])
+    assert prediction.tumor_probs.shape == (0, 4) and prediction.outputs.cam.shape[0] == 0
 
 
 def test_heatmap_follows_the_pad_to_square_geometry():

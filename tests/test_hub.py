@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from huggingface_hub import HfApi
 
-from braintumor_flax.hub import BrainTumorPipeline, flat_params
+from braintumor_flax.checkpoint_info import Calibration, CheckpointInfo
+from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.models import ModelConfig, build_model
+from braintumor_flax.models.params import flat_params
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def pipeline():
     # Freeze-sharing: blocks 1-4 identical in both models, as after training with them frozen.
     for name in ("block1_conv1", "block2_conv2", "block4_conv3"):
         getattr(tumor.vgg, name).kernel.set_value(getattr(view.vgg, name).kernel.get_value())
-    return BrainTumorPipeline(view, tumor, info={"calibration": {"tumor_temperature": 1.5}},
+    return BrainTumorPipeline(view, tumor, info=CheckpointInfo(calibration=Calibration(tumor_temperature=1.5)),
                               metrics={"tumor": {"brisc2025_test": {"accuracy": 0.5, "n": 10}}})
 
 
@@ -38,7 +40,7 @@ def test_round_trip_predicts_identically(pipeline, tmp_path):
     images = jax.random.randint(jax.random.key(0), (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
     for a, b in zip(_predict(pipeline, images), _predict(loaded, images), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert loaded.info["calibration"]["tumor_temperature"] == 1.5
+    assert loaded.info.calibration.tumor_temperature == 1.5
     assert "0.500" in (tmp_path / "ckpt" / "README.md").read_text()
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["models"]["tumor"]["class_names"] == ["glioma", "meningioma", "no_tumor", "pituitary"]
@@ -102,11 +104,11 @@ def test_push_to_hub_makes_the_exact_upload_call(pipeline, monkeypatch):
 
 
 def test_push_space_uploads_the_app_and_nothing_else(monkeypatch):
-    """The exact calls `python -m braintumor_flax.space` makes, captured at the HfApi boundary, on this checkout."""
+    """The exact calls `python -m braintumor_flax.serve.space` makes, captured at the HfApi boundary, here."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from braintumor_flax import space
     from braintumor_flax.paths import PROJECT_ROOT
+    from braintumor_flax.serve import space
 
     calls: dict = {}
 
@@ -131,7 +133,7 @@ def test_push_space_uploads_the_app_and_nothing_else(monkeypatch):
                                     {"repo_type": "space", "space_sdk": "gradio", "private": False, "exist_ok": True})
     repo_id, uploaded, kwargs = calls["upload"]
     assert kwargs["repo_type"] == "space" and "variable" not in calls
-    assert {"app.py", "requirements.txt", "README.md", "braintumor_flax/app_ui.py", "checkpoints/config.json",
+    assert {"app.py", "requirements.txt", "README.md", "braintumor_flax/serve/app_ui.py", "checkpoints/config.json",
             "checkpoints/shared.safetensors", "checkpoints/tumor/model.safetensors"} <= uploaded
     assert any(f.startswith("examples/") for f in uploaded)
     assert not any(f.startswith(("tests/", "results/", "runs/", ".venv/", ".git/", "checkpoints-no-view/"))
@@ -179,7 +181,7 @@ def test_ood_matrices_live_in_their_own_safetensors_file(pipeline, tmp_path):
 
     rng = np.random.default_rng(0)
     means, precision = rng.standard_normal((1, 512)), rng.standard_normal((512, 512))
-    pipeline.info["ood"] = {"means": means.tolist(), "precision": precision.tolist(), "distance_limit": 3.5,
+    pipeline.info.ood = {"means": means.tolist(), "precision": precision.tolist(), "distance_limit": 3.5,
                             "feature": "lower_gap"}
     try:
         pipeline.save_pretrained(tmp_path / "ckpt")
@@ -187,14 +189,14 @@ def test_ood_matrices_live_in_their_own_safetensors_file(pipeline, tmp_path):
         assert config["ood"] == {"distance_limit": 3.5, "feature": "lower_gap", "arrays_file": OOD_FILE}
         assert (tmp_path / "ckpt" / "config.json").stat().st_size < 50_000
         loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
-        np.testing.assert_array_equal(loaded.info["ood"]["precision"], precision)
-        np.testing.assert_array_equal(loaded.info["ood"]["means"], means)
-        assert loaded.info["ood"]["distance_limit"] == 3.5 and "arrays_file" not in loaded.info["ood"]
+        np.testing.assert_array_equal(loaded.info.ood["precision"], precision)
+        np.testing.assert_array_equal(loaded.info.ood["means"], means)
+        assert loaded.info.ood["distance_limit"] == 3.5 and "arrays_file" not in loaded.info.ood
         # Saving what was loaded (arrays now numpy) works, and dropping the statistics removes the file.
         loaded.save_pretrained(tmp_path / "again")
         np.testing.assert_array_equal(read_config(tmp_path / "again")["ood"]["precision"], precision)
-        del loaded.info["ood"]
+        loaded.info.ood = None
         loaded.save_pretrained(tmp_path / "again")
         assert not (tmp_path / "again" / OOD_FILE).exists() and "ood" not in read_config(tmp_path / "again")
     finally:
-        del pipeline.info["ood"]
+        pipeline.info.ood = None

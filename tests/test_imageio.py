@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor_flax.imageio import ImageDecodeError, decode_image, to_model_input
+from braintumor_flax.data.imageio import ImageDecodeError, decode_image, to_model_input
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn import metrics as skm
 
-from braintumor_flax import metrics
+from braintumor_flax.evaluation import metrics
 
 
 def _probs(n: int, k: int, seed: int, signal: float = 1.5) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from braintumor_flax import ood_samples
-from braintumor_flax.imageio import decode_image, to_model_input
-from braintumor_flax.ood import DEFAULT_IMAGE_LIMITS, OODDetector, fit_ood, image_statistics, ood_score
+from braintumor_flax.data import ood_samples
+from braintumor_flax.data.imageio import decode_image, to_model_input
+from braintumor_flax.ood import DEFAULT_IMAGE_LIMITS, OODDetector, fit_ood, image_statistics
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, DEFAULT_DATA_DIR
 
 BRISC_TEST = DEFAULT_DATA_DIR / "brisc2025" / "classification_task" / "test"
@@ -67,7 +67,7 @@ def test_image_statistics_flag_colour_and_pages_not_grey_slices():
     kinds, images = _non_mri_inputs()
     stats = image_statistics(images)
     assert stats.shape == (len(kinds), 2)
-    results = ood_score(None, None, images=images)  # no fitted statistics: image checks with default limits
+    results = OODDetector(None)(None, images)  # no fitted statistics: image checks with default limits
     flagged = {k for k, r in zip(kinds, results, strict=True) if r.flag}
     assert {"noise_rgb", "gradient_colour", "photo_like", "document"} <= flagged
     doc = results[kinds.index("document")]
@@ -82,8 +82,8 @@ def test_real_mri_slices_pass_the_image_checks():
 
 
 def _features(predictor, detector: OODDetector, images: np.ndarray) -> np.ndarray:
-    prediction, _, pooled = predictor.explain_arrays(images)
-    return pooled if detector.feature == "lower_gap" else prediction.view_feature
+    outputs = predictor.explain_arrays(images).outputs
+    return outputs.lower_pooled if detector.feature == "lower_gap" else outputs.view_feature
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +92,16 @@ def checkpoint_predictor():
     folder = Path(env) if env and Path(env).is_dir() else DEFAULT_CHECKPOINT_DIR
     if not (folder / "config.json").is_file():
         pytest.skip(f"no trained checkpoint in {folder} (train.py writes it)")
-    from braintumor_flax.inference import Predictor
+    from braintumor_flax.serve.predictor import Predictor
 
     predictor = Predictor.from_pretrained(folder)
-    if "ood" not in predictor.pipeline.info:
-        pytest.skip("checkpoint has no OOD statistics (python -m braintumor_flax.ood fit --write)")
+    if predictor.pipeline.info.ood is None:
+        pytest.skip("checkpoint has no OOD statistics (python -m braintumor_flax.training.fit_statistics)")
     return predictor
 
 
 def test_checkpoint_statistics_on_real_and_generated_images(checkpoint_predictor):
-    detector = OODDetector(checkpoint_predictor.pipeline.info["ood"])
+    detector = OODDetector(checkpoint_predictor.pipeline.info.ood)
     mri = _mri_inputs(30)
     mri_results = detector(_features(checkpoint_predictor, detector, mri), mri)
     assert np.mean([r.flag for r in mri_results]) <= 0.07  # ~1-2 % expected; a small sample is noisy

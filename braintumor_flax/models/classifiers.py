@@ -35,7 +35,10 @@ class ModelConfig:
     dropout: float = 0.3
     fusion_dropout: float = 0.2
     preprocessing: str = "caffe"  # BGR, ImageNet mean subtracted, no /255
-    shared_blocks: int = 4  # lower VGG blocks that are frozen and therefore shareable between models
+    # The split point of the trunk: blocks 1..lower_blocks form the lower stage (`lower`), frozen in the
+    # faithful recipe and then identical in both models, so they run once per image and can be cached.
+    lower_blocks: int = 4
+    width_divisor: int = 1  # > 1: a narrowed VGG (tests only); 1 = VGG16 with its ImageNet weights
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -49,7 +52,12 @@ class ModelConfig:
     def flat_dim(self) -> int:
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
-        return (self.image_size // 32) ** 2 * 512
+        return (self.image_size // 32) ** 2 * self.trunk_channels
+
+    @property
+    def trunk_channels(self) -> int:
+        """Channels of blocks 4 and 5 (512 in VGG16): the width of the lower output and of the last conv."""
+        return 512 // self.width_divisor
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names)}
@@ -57,6 +65,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {"lower_blocks": data["shared_blocks"], **data} if "shared_blocks" in data else data  # format 1
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -72,12 +81,12 @@ class _VGGClassifier(nnx.Module):
 
     def lower(self, images: jax.Array) -> jax.Array:
         """uint8 RGB images → output of the shared (frozen) lower blocks."""
-        return self.vgg(caffe_preprocess(images), last_block=self.config.shared_blocks)
+        return self.vgg(caffe_preprocess(images), last_block=self.config.lower_blocks)
 
     def upper_convs(self, lower: jax.Array) -> jax.Array:
         """Remaining conv blocks, stopping before the last pooling (Grad-CAM's target layer)."""
         x = lower
-        for block in range(self.config.shared_blocks + 1, 5):
+        for block in range(self.config.lower_blocks + 1, 5):
             x = max_pool_2x2(self.vgg.block_convs(x, block))
         return self.vgg.block_convs(x, 5)
 
@@ -87,7 +96,7 @@ class ViewClassifier(_VGGClassifier):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.vgg = VGG16(rngs=rngs)
+        self.vgg = VGG16(width_divisor=config.width_divisor, rngs=rngs)
         self.feature = nnx.Linear(config.flat_dim, config.feature_dim, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout)
         self.classifier = nnx.Linear(config.feature_dim, len(config.class_names), rngs=rngs)
@@ -113,7 +122,7 @@ class TumorClassifier(_VGGClassifier):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.vgg = VGG16(rngs=rngs)
+        self.vgg = VGG16(width_divisor=config.width_divisor, rngs=rngs)
         self.image_feature = nnx.Linear(config.flat_dim, config.feature_dim, rngs=rngs)
         self.image_dropout = nnx.Dropout(config.dropout)
         fused_in = config.feature_dim

@@ -1,7 +1,7 @@
 """VGG16 convolutional trunk (Keras `include_top=False`) as one compact Flax NNX module.
 
 Layer names match the published Keras weights (`block1_conv1` ... `block5_conv3`), so converting
-them is a rename plus an OIHW→HWIO transpose (see `braintumor_flax.pretrained`).
+them is a rename plus an OIHW→HWIO transpose (see `braintumor_flax.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 class VGG16(nnx.Module):
     """The 13 convolutions of VGG16; NHWC input already preprocessed (see `caffe_preprocess`)."""
 
-    def __init__(self, *, dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+    def __init__(self, *, width_divisor: int = 1, dtype: jnp.dtype | None = None, rngs: nnx.Rngs):
+        # width_divisor > 1 narrows every layer (a tiny VGG for tests that train in seconds); 1 = VGG16.
         in_ch = 3
         for block, convs in enumerate(VGG16_BLOCKS, start=1):
             for i, out_ch in enumerate(convs, start=1):
+                out_ch = max(1, out_ch // width_divisor)
                 conv = nnx.Conv(in_ch, out_ch, (3, 3), padding="SAME", dtype=dtype, rngs=rngs)
                 setattr(self, f"block{block}_conv{i}", conv)
                 in_ch = out_ch

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from braintumor_flax.checkpoint_info import TrainingRecord
+from braintumor_flax.data.datasets import DEFAULT_SEED, DEFAULT_VAL_FRACTION
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -26,8 +29,10 @@ class TrainConfig:
     vflip: bool = True
     zoom: float = 0.2
     use_view_feature: bool = True  # False = the ablation: tumour model without the view branch
-    val_fraction: float = 0.2
-    seed: int = 0
+    pretrained: bool = True  # ImageNet VGG16 convolutions; False = random (generated-data tests)
+    width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    seed: int = DEFAULT_SEED
     eval_batch_size: int = 64
     max_images: int | None = None  # cap per split, for smoke tests
 
@@ -36,6 +41,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Fields this version knows; missing ones take their defaults (older checkpoints)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_record(cls, record: TrainingRecord | None) -> TrainConfig:
+        """The config a checkpoint was trained with (defaults when it says nothing)."""
+        return cls.from_dict(record.config if record is not None else {})
 
     @property
     def lower_features_cacheable(self) -> bool:

@@ -7,8 +7,11 @@ import json
 import time
 from pathlib import Path
 
-from braintumor_flax.config import RECIPES, get_recipe
+from braintumor_flax.data.datasets import prepare
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, default_data_dir
+from braintumor_flax.training.config import RECIPES, get_recipe
+from braintumor_flax.training.fit_statistics import finalize_pipeline
+from braintumor_flax.training.pipeline import train_pipeline
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -31,17 +34,10 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from braintumor_flax.xla_flags import configure_xla_cpu
-
-    configure_xla_cpu()  # before jax is imported: XLA's own CPU convolutions are ~2x faster here
     args = train_parser().parse_args(argv)
     config = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         image_size=args.image_size, seed=args.seed, label_smoothing=args.label_smoothing,
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images)
-    from braintumor_flax.data import prepare
-    from braintumor_flax.postprocess import finalize_pipeline
-    from braintumor_flax.training import train_pipeline
-
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()
     print(f"recipe {config.recipe}: {json.dumps(config.to_dict())}")

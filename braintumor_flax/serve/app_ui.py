@@ -19,10 +19,10 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from braintumor_flax import batch
-from braintumor_flax.imageio import ImageDecodeError
+from braintumor_flax.data.imageio import ImageDecodeError
 from braintumor_flax.paths import PROJECT_ROOT
-from braintumor_flax.service import PLANE_NAMES, TUMOR_NAMES, BrainTumorService, SliceResult
+from braintumor_flax.serve import uploads as batch
+from braintumor_flax.serve.service import PLANE_NAMES, TUMOR_NAMES, BrainTumorService, SliceResult
 
 EXAMPLES_DIR = PROJECT_ROOT / "examples"
 MAX_UPLOAD = "64mb"  # Gradio refuses larger uploads before our code runs (zip archives included)

@@ -1,8 +1,8 @@
 """Two-stage training with Optax: stage 1 the view model, stage 2 the tumour model on frozen view features.
 
-The train state is a pair of pytrees (trainable parameters, optimizer state); frozen parameters are split
-off by name before differentiation, so they get neither gradients nor optimizer slots. One jitted
-`train_step` serves every recipe; batches are sharded over all local devices along a "data" mesh axis.
+`StageTrainer` runs epochs of the module-level jitted `steps.train_step` over one model's data and keeps its
+resumable state; batches are sharded over all local devices along a "data" mesh axis. Features the stages
+read from frozen parts (lower-block outputs, the view model's 128-d feature) come from `models.forward`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import hashlib
 import json
 import platform
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,56 +25,16 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from braintumor_flax.augment import augment_batch
-from braintumor_flax.config import TrainConfig
-from braintumor_flax.data import PreparedData, Split, prepare
+from braintumor_flax.checkpoint_info import CheckpointInfo, TrainingRecord
+from braintumor_flax.data.datasets import PreparedData, Split, prepare
 from braintumor_flax.hub import BrainTumorPipeline
-from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
-from braintumor_flax.models.vgg16 import VGG16_BLOCKS
+from braintumor_flax.models.forward import Forward, pad_rows, padded_chunks
+from braintumor_flax.models.params import lower_blocks_digest, weights_digest
+from braintumor_flax.models.pretrained import assign_vgg16, load_imagenet_vgg16
 from braintumor_flax.paths import cache_dir
-from braintumor_flax.pretrained import assign_vgg16, load_imagenet_vgg16
-
-Model = ViewClassifier | TumorClassifier
-
-
-# ----------------------------------------------------------------------------------------------- freezing
-def frozen_layer_names(frozen_blocks: int) -> set[str]:
-    return {f"block{b}_conv{i}" for b in range(1, frozen_blocks + 1) for i in range(1, len(VGG16_BLOCKS[b - 1]) + 1)}
-
-
-def trainable_filter(frozen_blocks: int) -> Callable[[tuple, Any], bool]:
-    """NNX filter: parameters not inside a frozen VGG layer (matched by name, as in big_vision)."""
-    frozen = frozen_layer_names(frozen_blocks)
-
-    def is_trainable(path: tuple, value: Any) -> bool:
-        return isinstance(value, nnx.Param) and not any(str(part) in frozen for part in path)
-
-    return is_trainable
-
-
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule == "warmup_cosine":
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), total)
-    else:
-        lr = config.learning_rate
-    if config.weight_decay > 0:
-        return optax.adamw(lr, weight_decay=config.weight_decay)
-    return optax.adam(lr)
-
-
-# ----------------------------------------------------------------------------------------------- forward
-def logits_of(model: Model, x: jax.Array, extra: jax.Array | None, *, from_lower: bool, train: bool,
-              key: jax.Array | None) -> jax.Array:
-    """Logits from images (uint8/float pixels) or from cached lower-block features."""
-    if isinstance(model, ViewClassifier):
-        fn = model.from_lower if from_lower else model
-        return fn(x, train=train, key=key)[0]
-    view_feature = extra if model.config.use_view_feature else None
-    fn = model.from_lower if from_lower else model
-    return fn(x, view_feature, train=train, key=key)
+from braintumor_flax.training.config import TrainConfig
+from braintumor_flax.training.steps import Model, StepSettings, TrainState, eval_step, make_optimizer, train_step
 
 
 @dataclasses.dataclass
@@ -99,48 +60,20 @@ class StageTrainer:
 
     def __init__(self, model: Model, config: TrainConfig, *, from_lower: bool, steps_per_epoch: int, name: str):
         self.config, self.from_lower, self.name = config, from_lower, name
-        self.graphdef, self.params, self.rest = nnx.split(model, trainable_filter(config.frozen_blocks), ...)
-        self.tx = make_optimizer(config, steps_per_epoch)
-        self.opt_state = self.tx.init(self.params)
         self.mesh = _mesh()
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.params = jax.device_put(self.params, self.replicated)
-        self.rest = jax.device_put(self.rest, self.replicated)
-        self.opt_state = jax.device_put(self.opt_state, self.replicated)
-        graphdef, tx, cfg = self.graphdef, self.tx, config
-
-        def loss_fn(params, rest, x, extra, labels, key):
-            model = nnx.merge(graphdef, params, rest)
-            aug_key, drop_key = jax.random.split(key)
-            x = x.astype(jnp.float32)
-            if cfg.hflip or cfg.vflip or cfg.zoom > 0:
-                x = augment_batch(aug_key, x, hflip=cfg.hflip, vflip=cfg.vflip, zoom=cfg.zoom)
-            logits = logits_of(model, x, extra, from_lower=from_lower, train=True, key=drop_key)
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), cfg.label_smoothing)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, (logits.argmax(-1) == labels).mean()
-
-        @jax.jit
-        def train_step(params, opt_state, rest, x, extra, labels, key):
-            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, extra, labels, key)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss, acc
-
-        @jax.jit
-        def eval_logits(params, rest, x, extra):
-            model = nnx.merge(graphdef, params, rest)
-            return logits_of(model, x.astype(jnp.float32), extra, from_lower=from_lower, train=False, key=None)
-
-        self._train_step, self._eval_logits = train_step, eval_logits
+        state = TrainState.create(model, make_optimizer(config, steps_per_epoch),
+                                  StepSettings.of(config, from_lower=from_lower), frozen_blocks=config.frozen_blocks)
+        self.state = jax.device_put(state, self.replicated)
 
     # -- state ------------------------------------------------------------------------------------------
     def model(self) -> Model:
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        return self.state.model()
 
     def save_state(self, path: Path, epoch: int, history: list[dict], depends_on: str = "") -> None:
         """Resumable state as plain arrays (npz without pickles) + JSON; structure comes from the code."""
-        leaves = jax.tree.leaves((self.params, self.opt_state))
+        leaves = jax.tree.leaves((self.state.params, self.state.opt_state))
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **{f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
         tmp.replace(path.with_suffix(".npz"))
@@ -149,12 +82,11 @@ class StageTrainer:
 
     def load_state(self, path: Path) -> tuple[int, list[dict]]:
         meta = json.loads(path.with_suffix(".json").read_text())
-        treedef = jax.tree.structure((self.params, self.opt_state))
+        treedef = jax.tree.structure((self.state.params, self.state.opt_state))
         with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
             leaves = [data[f"leaf_{i:05d}"] for i in range(len(data.files))]
         params, opt_state = jax.tree.unflatten(treedef, leaves)
-        self.params = jax.device_put(params, self.replicated)
-        self.opt_state = jax.device_put(opt_state, self.replicated)
+        self.state = jax.device_put(self.state.replace(params=params, opt_state=opt_state), self.replicated)
         return int(meta["epoch"]), list(meta["history"])
 
     # -- loops ------------------------------------------------------------------------------------------
@@ -167,12 +99,12 @@ class StageTrainer:
         if bs % n_dev:
             raise ValueError(f"batch size {bs} must be divisible by the {n_dev} local devices")
         # Seeded shuffle per (stage, epoch); the last partial batch is dropped so every step has one shape.
-        rng = np.random.default_rng([self.config.seed, zlib_crc(self.name), epoch])
+        rng = np.random.default_rng([self.config.seed, name_seed(self.name), epoch])
         order = rng.permutation(len(data))
         steps = len(data) // bs
         if steps == 0:
             raise ValueError(f"{self.name}: {len(data)} training examples are fewer than one batch of {bs}")
-        base_key = jax.random.fold_in(jax.random.key(self.config.seed), zlib_crc(self.name))
+        base_key = jax.random.fold_in(jax.random.key(self.config.seed), name_seed(self.name))
         losses, accs = [], []
         bar = tqdm(range(steps), desc=f"{self.name} epoch {epoch + 1}/{self.config.epochs}", unit="batch",
                    dynamic_ncols=True, mininterval=2.0)
@@ -180,9 +112,8 @@ class StageTrainer:
             idx = np.sort(order[step * bs : (step + 1) * bs])
             key = jax.random.fold_in(base_key, epoch * steps + step)
             extra = data.extra[idx] if data.extra is not None else None
-            self.params, self.opt_state, loss, acc = self._train_step(
-                self.params, self.opt_state, self.rest, self._shard(data.inputs[idx]), self._shard(extra),
-                self._shard(data.labels[idx]), key)
+            self.state, loss, acc = train_step(self.state, self._shard(data.inputs[idx]), self._shard(extra),
+                                               self._shard(data.labels[idx]), key)
             losses.append(loss)
             accs.append(acc)
             if step % 10 == 0 or step == steps - 1:
@@ -190,9 +121,17 @@ class StageTrainer:
         return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))}
 
     def predict_logits(self, data: StageData) -> np.ndarray:
-        return predict_in_batches(
-            lambda x, e: self._eval_logits(self.params, self.rest, x, e), data.inputs, data.extra,
-            self.config.eval_batch_size, desc=f"{self.name} eval")
+        """Deterministic logits over fixed-size (padded) batches, a multiple of the device count."""
+        n_dev = jax.local_device_count()
+        batch_size = max(n_dev, self.config.eval_batch_size - self.config.eval_batch_size % n_dev)
+        parts = []
+        for start, rows, padded in padded_chunks(len(data), batch_size):
+            x = jnp.asarray(pad_rows(data.inputs, start, rows, padded))
+            extra = None if data.extra is None else jnp.asarray(pad_rows(data.extra, start, rows, padded))
+            parts.append(np.asarray(eval_step(self.state, x, extra))[:rows])
+        if not parts:
+            raise ValueError("nothing to predict")
+        return np.concatenate(parts)
 
     def evaluate(self, data: StageData) -> dict[str, float]:
         logits = self.predict_logits(data)
@@ -200,89 +139,60 @@ class StageTrainer:
         return {"loss": float(loss.mean()), "accuracy": float((logits.argmax(-1) == data.labels).mean())}
 
 
-def zlib_crc(text: str) -> int:
-    import zlib
-
+def name_seed(text: str) -> int:
+    """A stable 31-bit seed from a stage name (shuffles and dropout keys differ between stages)."""
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
-
-
-def predict_in_batches(fn: Callable, inputs: np.ndarray, extra: np.ndarray | None, batch_size: int,
-                       desc: str = "predict", leave: bool = False) -> Any:
-    """Apply a jitted fn over fixed-size (padded) batches; returns the concatenated numpy outputs."""
-    outs = []
-    n_dev = jax.local_device_count()
-    batch_size = max(n_dev, batch_size - batch_size % n_dev)
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch", leave=leave,
-                      dynamic_ncols=True, mininterval=2.0):
-        x = inputs[start : start + batch_size]
-        e = extra[start : start + batch_size] if extra is not None else None
-        n_valid = len(x)
-        pad = batch_size - n_valid
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            e = np.concatenate([e, np.zeros((pad, *e.shape[1:]), e.dtype)]) if e is not None else None
-        out = fn(jnp.asarray(x), None if e is None else jnp.asarray(e))
-        outs.append(jax.tree.map(lambda a, n=n_valid: np.asarray(a)[:n], out))
-    if not outs:
-        raise ValueError("nothing to predict")
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
 def view_outputs(view_model: ViewClassifier, inputs: np.ndarray, *, from_lower: bool, batch_size: int = 64
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(view logits, 128-d view features), deterministic, from pixels or from cached lower-block features."""
-    graphdef, state = nnx.split(view_model)
-    if from_lower:
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).from_lower(x.astype(jnp.float32)))
-    else:
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return predict_in_batches(lambda x, _: fn(state, x), inputs, None, batch_size, desc="view outputs")
+    forward = Forward(view_model, batch_size=batch_size)
+    out = forward(lower=inputs) if from_lower else forward(inputs)
+    return out.view_logits, out.view_feature
 
 
 # ----------------------------------------------------------------------------------------------- lower-feature cache
-def lower_blocks_digest(model: Model) -> str:
-    """Identifies the frozen lower blocks' weights, so cached features are never reused with other weights."""
-    h = hashlib.sha256(f"size={model.config.image_size} blocks={model.config.shared_blocks}".encode())
-    for name in sorted(frozen_layer_names(model.config.shared_blocks)):
-        conv = getattr(model.vgg, name)
-        h.update(np.asarray(conv.kernel.get_value()).tobytes())
-        h.update(np.asarray(conv.bias.get_value()).tobytes())
-    return h.hexdigest()[:16]
-
-
 def lower_features(model: Model, split: Split, *, batch_size: int = 32, use_cache: bool = True) -> np.ndarray:
-    """float16 [N, S/16, S/16, 512] outputs of the frozen lower blocks, computed once per image and cached
+    """float16 [N, S/16, S/16, C] outputs of the frozen lower blocks, computed once per image and cached
     on disk by (weights digest, file content hash): reruns, resumed runs and stage 2 reuse them."""
-    graphdef, state = nnx.split(model)
-    lower_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).lower(x))
+    forward = Forward(model if isinstance(model, ViewClassifier) else None,
+                      model if isinstance(model, TumorClassifier) else None, batch_size=batch_size)
     if not use_cache:
-        return predict_in_batches(lambda x, _: lower_fn(state, x), split.images, None, batch_size,
-                                  desc=f"lower VGG blocks ({split.name})").astype(np.float16)
-    folder = cache_dir("features", lower_blocks_digest(model))
+        return forward.lower(split.images).astype(np.float16)
+    folder = cache_dir("features", lower_blocks_digest(model)[:16])
     files = [folder / f"{h}.npy" for h in split.content_hash]
     todo = [i for i, f in enumerate(files) if not f.is_file()]
     chunk = 512  # written as we go, so an interrupted extraction resumes where it stopped
     for start in tqdm(range(0, len(todo), chunk), desc=f"lower VGG blocks ({split.name}, {len(todo)} new images)",
                       unit="chunk", dynamic_ncols=True):
         rows = todo[start : start + chunk]
-        feats = predict_in_batches(lambda x, _: lower_fn(state, x), split.images[rows], None, batch_size)
+        feats = forward.lower(split.images[rows])
         for i, feat in zip(rows, feats.astype(np.float16), strict=True):
             tmp = files[i].with_suffix(".tmp.npy")
             np.save(tmp, feat)
             tmp.replace(files[i])
-    return np.stack([np.load(f) for f in files]) if files else np.zeros((0,), np.float16)
+    if not files:
+        return np.zeros((0, *forward.lower_shape), np.float16)
+    return np.stack([np.load(f) for f in files])
 
 
 # ----------------------------------------------------------------------------------------------- stages
 def build_models(config: TrainConfig, weights_source: str | Path | None = None) -> tuple[ViewClassifier,
                                                                                           TumorClassifier]:
-    weights = load_imagenet_vgg16(weights_source)
-    view = build_model(ModelConfig("view", image_size=config.image_size), seed=config.seed)
-    tumor = build_model(ModelConfig("tumor", image_size=config.image_size,
-                                    view_projection_dim=64 if config.use_view_feature else 0),
-                        seed=config.seed + 1)
-    for model in (view, tumor):
-        assign_vgg16(model.vgg, weights)
+    """Both models with the ImageNet VGG16 convolutions (random ones for `config.pretrained=False`)."""
+    view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor)
+    tumor_config = dataclasses.replace(view_config, task="tumor")
+    if not config.use_view_feature:
+        tumor_config = dataclasses.replace(tumor_config, view_projection_dim=0)
+    view, tumor = build_model(view_config, seed=config.seed), build_model(tumor_config, seed=config.seed + 1)
+    if config.pretrained:
+        weights = load_imagenet_vgg16(weights_source)
+        for model in (view, tumor):
+            assign_vgg16(model.vgg, weights)
+    else:
+        # The same random lower blocks in both models, as the ImageNet ones would be: they stay shareable.
+        nnx.update(tumor.vgg, nnx.state(view.vgg))
     return view, tumor  # type: ignore[return-value]
 
 
@@ -315,11 +225,11 @@ def fit_stage(trainer: StageTrainer, train: StageData, val: StageData, state_pat
 
 
 def digest(*parts: Any) -> str:
+    """What a saved train state was computed from: JSON-able parts and models (by their weights)."""
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, nnx.Module):
-            for leaf in jax.tree.leaves(nnx.state(part, nnx.Param)):
-                h.update(np.asarray(leaf).tobytes())
+            h.update(weights_digest(part).encode())
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
@@ -371,21 +281,19 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     stage1_train = StageData(train_x[has_plane], train_split.plane[has_plane])
     stage1_val = StageData(val_x[val_has_plane], val_split.plane[val_has_plane])
     log(f"stage 1 (view): {len(stage1_train)} train / {len(stage1_val)} val images, recipe {config.recipe}")
-    steps = max(1, len(stage1_train) // config.batch_size)
-    view_trainer = StageTrainer(view_model, config, from_lower=from_lower, steps_per_epoch=steps, name="view")
     if view_from is not None:
         view_model = BrainTumorPipeline.from_pretrained(view_from).view_model
         if view_model.config.image_size != config.image_size:
             raise ValueError(f"{view_from}: view model is for {view_model.config.image_size} px, "
                              f"not {config.image_size}")
-        view_trainer.graphdef, view_trainer.params, view_trainer.rest = nnx.split(
-            view_model, trainable_filter(config.frozen_blocks), ...)
-        view_history = [{"reused_from": str(view_from)}]
+        view_history: list[dict] = [{"reused_from": str(view_from)}]
         log(f"stage 1 skipped: view model taken from {view_from}")
     else:
+        steps = max(1, len(stage1_train) // config.batch_size)
+        view_trainer = StageTrainer(view_model, config, from_lower=from_lower, steps_per_epoch=steps, name="view")
         view_history = fit_stage(view_trainer, stage1_train, stage1_val, run_dir / "view_state", resume, log,
                                  depends_on=digest(_resume_key(config), data.dataset_hash, "view"))
-    view_model = view_trainer.model()
+        view_model = view_trainer.model()
     timings["stage1_s"] = time.perf_counter() - t
 
     # Stage 2: the view model is frozen; its 128-d feature is computed once per image (no augmentation),
@@ -410,26 +318,21 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     timings["stage2_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
-    val_outputs = {
-        "view_logits": view_trainer.predict_logits(stage1_val), "view_labels": stage1_val.labels,
-        "tumor_logits": tumor_trainer.predict_logits(stage2_val), "tumor_labels": stage2_val.labels,
-    }
-    np.savez(run_dir / "val_outputs.npz", **val_outputs)
+    view_val_logits, _ = view_outputs(view_model, stage1_val.inputs, from_lower=from_lower,
+                                      batch_size=config.eval_batch_size)
+    np.savez(run_dir / "val_outputs.npz", view_logits=view_val_logits, view_labels=stage1_val.labels,
+             tumor_logits=tumor_trainer.predict_logits(stage2_val), tumor_labels=stage2_val.labels)
     counts = {name: len(split) for name, split in data.splits.items()}
-    info = {
-        "training": {
-            "recipe": config.recipe,
-            "config": config.to_dict(),
-            "dataset_hash": data.dataset_hash,
-            "data_summary": f"split sizes after deduplication {counts}",
-            "history": {"view": view_history, "tumor": tumor_history},
-            "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            "machine": f"{platform.machine()} {platform.processor() or ''} ×{jax.local_device_count()} "
-                       f"{jax.devices()[0].platform}".strip(),
-            "jax_version": jax.__version__,
-        },
-        "class_names": {"view": list(PLANES), "tumor": list(TUMOR_CLASSES)},
-    }
-    (run_dir / "training_log.json").write_text(json.dumps(info["training"], indent=1))
-    return BrainTumorPipeline(view_model, tumor_model, info=info)
+    record = TrainingRecord(
+        recipe=config.recipe, config=config.to_dict(), dataset_hash=data.dataset_hash,
+        data_summary=f"split sizes after deduplication {counts}",
+        history={"view": view_history, "tumor": tumor_history},
+        timings_s={k: round(v, 1) for k, v in timings.items()},
+        machine=f"{platform.machine()} {platform.processor() or ''} ×{jax.local_device_count()} "
+                f"{jax.devices()[0].platform}".strip(),
+        jax_version=jax.__version__)
+    (run_dir / "training_log.json").write_text(json.dumps(record.to_dict(), indent=1))
+    # Bit-identical lower blocks (frozen ImageNet or shared random ones) let the trunk's lower part run once.
+    shared = lower_blocks_digest(view_model) == lower_blocks_digest(tumor_model)
+    return BrainTumorPipeline(view_model, tumor_model, info=CheckpointInfo(training=record, shared_lower_blocks=shared))
 

@@ -9,7 +9,6 @@ requests run alongside.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import threading
 import time
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from braintumor_flax import __version__
-from braintumor_flax.gradcam import gradcam_overlay
-from braintumor_flax.hub import flat_params
-from braintumor_flax.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
-from braintumor_flax.inference import Predictor, resolve_model_source
+from braintumor_flax.data.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
+from braintumor_flax.models.params import weights_digest
 from braintumor_flax.ood import OODDetector, OODResult
+from braintumor_flax.serve.overlay import gradcam_overlay
+from braintumor_flax.serve.predictor import Prediction, Predictor, resolve_model_source
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image file (a 16-bit 4k x 4k scan fits); uploads above are refused
 MAX_PIXELS = 40_000_000  # decoded size limit, checked from the header before any pixel is decoded
@@ -101,16 +100,6 @@ class SliceResult:
         return out
 
 
-def checkpoint_fingerprint(predictor: Predictor) -> str:
-    """12 hex digits over every parameter of both models: changes exactly when the weights do."""
-    h = hashlib.sha256()
-    for model in (predictor.pipeline.view_model, predictor.pipeline.tumor_model):
-        for name, value in sorted(flat_params(model).items()):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(value).tobytes())
-    return h.hexdigest()[:12]
-
-
 class BrainTumorService:
     def __init__(self, predictor: Predictor, *, source: str | Path | None = None, max_pixels: int = MAX_PIXELS,
                  max_bytes: int = MAX_IMAGE_BYTES):
@@ -118,12 +107,12 @@ class BrainTumorService:
         self.source = str(source) if source is not None else None
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
-        self.ood = OODDetector(predictor.pipeline.info.get("ood"))
+        self.ood = OODDetector(predictor.pipeline.info.ood)
         self._lock = threading.Lock()
-        training = predictor.pipeline.info.get("training", {})
-        recipe = training.get("recipe") if isinstance(training, dict) else None
-        self.model_version = f"braintumor-flax {__version__} / weights {checkpoint_fingerprint(predictor)}" + (
-            f" / {recipe}" if recipe else "")
+        pipeline = predictor.pipeline
+        recipe = pipeline.info.recipe
+        weights = weights_digest(pipeline.view_model, pipeline.tumor_model)[:12]
+        self.model_version = f"braintumor-flax {__version__} / weights {weights}" + (f" / {recipe}" if recipe else "")
 
     @classmethod
     def from_pretrained(cls, source: str | Path | None = None, *, warm_up: bool = True, batch_size: int = 8,
@@ -163,9 +152,10 @@ class BrainTumorService:
 
     # -- analysis ---------------------------------------------------------------------------------
 
-    def _results(self, names: list[str], images: np.ndarray, prediction: Any, pooled: np.ndarray,
-                 elapsed_ms: float) -> list[SliceResult]:
-        features = pooled if self.ood.feature == "lower_gap" else prediction.view_feature
+    def _results(self, names: list[str], images: np.ndarray, prediction: Prediction, elapsed_ms: float
+                 ) -> list[SliceResult]:
+        outputs = prediction.outputs
+        features = outputs.lower_pooled if self.ood.feature == "lower_gap" else outputs.view_feature
         oods = self.ood(features, images)
         return [
             SliceResult(name, dict(zip(PLANES, map(float, prediction.view_probs[i]), strict=True)),
@@ -181,11 +171,11 @@ class BrainTumorService:
             start = time.perf_counter()
             # One compiled single-image program serves both: the Grad-CAM's extra backward pass through
             # the small head costs little, a second compiled batch-1 forward would cost compile time and RAM.
-            prediction, cams, pooled = self.predictor.explain_arrays(x)
+            prediction = self.predictor.explain_arrays(x)
             elapsed = (time.perf_counter() - start) * 1000
-        result = self._results([name], x, prediction, pooled, elapsed)[0]
+        result = self._results([name], x, prediction, elapsed)[0]
         if gradcam and not result.is_ood:
-            result.overlay = gradcam_overlay(rgb, cams[0])
+            result.overlay = gradcam_overlay(rgb, prediction.outputs.cam[0])
         return result
 
     def analyze_many(self, items: list[tuple[str, np.ndarray | str]]) -> list[SliceResult]:
@@ -206,9 +196,9 @@ class BrainTumorService:
             with self._lock:  # per chunk, so single-image requests interleave with a long batch
                 t0 = time.perf_counter()
                 # The explaining program also yields the OOD feature; a lone image reuses the single-image one.
-                prediction, _, pooled = self.predictor.explain_arrays(x)
+                prediction = self.predictor.explain_arrays(x)
                 elapsed = (time.perf_counter() - t0) * 1000
             names = [items[i][0] for i in idx]
-            for i, result in zip(idx, self._results(names, x, prediction, pooled, elapsed), strict=True):
+            for i, result in zip(idx, self._results(names, x, prediction, elapsed), strict=True):
                 results[i] = result
         return [r for r in results if r is not None]

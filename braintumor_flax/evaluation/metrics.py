@@ -114,7 +114,7 @@ def bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
 
-def _percentile_ci(values: np.ndarray, level: float = CI_LEVEL) -> list[float]:
+def percentile_ci(values: np.ndarray, level: float = CI_LEVEL) -> list[float]:
     values = values[~np.isnan(values)]
     if not len(values):
         return [float("nan"), float("nan")]
@@ -189,11 +189,11 @@ def classification_report(
     }
     if len(y) and n_resamples > 0:
         boot = bootstrap_statistics(y, p, n_resamples=n_resamples, seed=seed)
-        report["accuracy_ci95"] = _percentile_ci(boot["accuracy"])
-        report["macro_f1_ci95"] = _percentile_ci(boot["macro_f1"])
-        report["macro_auc_ci95"] = _percentile_ci(boot["macro_auc"])
+        report["accuracy_ci95"] = percentile_ci(boot["accuracy"])
+        report["macro_f1_ci95"] = percentile_ci(boot["macro_f1"])
+        report["macro_auc_ci95"] = percentile_ci(boot["macro_auc"])
         for i, name in enumerate(class_names):
-            report["per_class"][name]["f1_ci95"] = _percentile_ci(boot["per_class_f1"][:, i])
+            report["per_class"][name]["f1_ci95"] = percentile_ci(boot["per_class_f1"][:, i])
         report["bootstrap"] = {"resamples": int(n_resamples), "seed": int(seed), "method": "percentile"}
     return report
 
@@ -226,5 +226,5 @@ def paired_accuracy_difference(
     if n and n_resamples > 0:
         idx = bootstrap_indices(n, n_resamples, seed)
         diff = a[idx].mean(axis=1) - b[idx].mean(axis=1)
-        out["difference_ci95"] = _percentile_ci(diff)
+        out["difference_ci95"] = percentile_ci(diff)
     return out

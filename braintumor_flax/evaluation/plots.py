@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from braintumor_flax.metrics import roc_curves  # noqa: E402
+from braintumor_flax.evaluation.metrics import roc_curves  # noqa: E402
 
 DPI = 120
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from braintumor_flax.reports.tables import ablation_table, main_table, per_plane_table
+
 CARD_TEMPLATE = """---
 library_name: braintumor-flax
 license: cc-by-4.0
@@ -43,11 +45,9 @@ built from figshare (Cheng et al.), SARTAJ and Br35H.
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown tables from a metrics JSON (written by `braintumor_flax.evaluate`): per model and test set
+    """Markdown tables from a metrics JSON (written by `braintumor_flax.evaluation.evaluate`): per model and test set
     accuracy / macro-F1 / macro AUC with 95 % bootstrap CIs and ECE before → after temperature scaling, then
     tumour accuracy per plane and the view-feature ablation when they were measured."""
-    from braintumor_flax.readme_table import ablation_table, main_table, per_plane_table
-
     parts = [main_table(metrics)]
     calib = metrics.get("calibration", {})
     if calib.get("tumor_temperature") is not None:

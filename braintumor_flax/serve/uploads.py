@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from braintumor_flax.imageio import ImageDecodeError
+from braintumor_flax.data.imageio import ImageDecodeError
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 
 MAX_BATCH_IMAGES = 200  # images per batch request (files + archive members)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor_flax import dedup
-from braintumor_flax.imagecache import CACHE_VERSION, ImageCache
+from braintumor_flax.data import dedup
+from braintumor_flax.data.imagecache import CACHE_VERSION, ImageCache
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES, normalize_plane, normalize_tumor
 from braintumor_flax.paths import default_data_dir
 
@@ -31,6 +31,11 @@ _SPLIT_DIRS = {"train": "train", "training": "train", "test": "test", "testing":
 _BRISC_NAME = re.compile(r"^brisc2025_(train|test)_(\d+)_([a-z]+)_([a-z]+)_([a-z0-9]+)$", re.IGNORECASE)
 PIPELINE_VERSION = 1  # part of dataset_hash: bump when split/dedup rules change
 
+
+# The validation split's size and the seed of its stratified draw (also training's seed by default): a
+# checkpoint records both, so evaluation re-creates exactly the split training held out.
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_SEED = 0
 
 @dataclass(frozen=True)
 class Record:
@@ -180,8 +185,8 @@ def _role(r: Record) -> str:
     return "train" if r.split == "train" else ("predict" if r.split == "predict" else f"test_{r.dataset}")
 
 
-def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fraction: float = 0.2,
-            seed: int = 0, cache: bool = True, workers: int = 2, verbose: bool = False) -> PreparedData:
+def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fraction: float = DEFAULT_VAL_FRACTION,
+            seed: int = DEFAULT_SEED, cache: bool = True, workers: int = 2, verbose: bool = False) -> PreparedData:
     """Discover, decode (cached), deduplicate and split the data under `data_dir`.
 
     Splits: "train", "val" (stratified by dataset x tumour x plane) and "test_<dataset>" per

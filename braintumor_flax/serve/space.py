@@ -1,7 +1,7 @@
 """Publish the demo as a Hugging Face Space (Gradio SDK), with the model inside it or taken from the Hub.
 
-    python -m braintumor_flax.space OWNER/NAME                        # app + ./checkpoints in the Space
-    python -m braintumor_flax.space OWNER/NAME --model OWNER/MODEL    # app only; the Space loads the model repo
+    python -m braintumor_flax.serve.space OWNER/NAME                        # app + ./checkpoints in the Space
+    python -m braintumor_flax.serve.space OWNER/NAME --model OWNER/MODEL    # app only; the Space loads the model repo
 
 The Space runs `app.py` as the README's YAML header says (`sdk: gradio`, the pinned `sdk_version`). Files go
 up through `HfApi.upload_folder`, which stores the safetensors weights with Git LFS as the Hub requires for
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from braintumor_flax.inference import MODEL_ENV_VAR
 from braintumor_flax.paths import PROJECT_ROOT
+from braintumor_flax.serve.predictor import MODEL_ENV_VAR
 
 # What the Space needs to run app.py; nothing else of the checkout (venvs, runs, results, tests, data) goes up.
 APP_PATTERNS = ["app.py", "requirements.txt", "README.md", "pyproject.toml", "LICENSE", "braintumor_flax/**",
@@ -48,7 +48,7 @@ def push_space(repo_id: str, *, model: str | None = None, root: str | Path = PRO
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m braintumor_flax.space", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m braintumor_flax.serve.space", description=__doc__.split("\n")[0])
     ap.add_argument("repo_id", help="the Space, OWNER/NAME")
     ap.add_argument("--model", default=None, help="Hub model repo for the app to load instead of ./checkpoints")
     ap.add_argument("--private", action="store_true")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor_flax.dedup import perceptual_hash, pixel_hash
-from braintumor_flax.imageio import ImageDecodeError, decode_image, to_model_input
+from braintumor_flax.data.dedup import perceptual_hash, pixel_hash
+from braintumor_flax.data.imageio import ImageDecodeError, decode_image, to_model_input
 from braintumor_flax.paths import cache_dir
 
 CACHE_VERSION = 1  # bump when decoding/resizing changes, so stale pixels are never reused

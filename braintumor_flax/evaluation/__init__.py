@@ -1,0 +1,1 @@
+"""Evaluation on the deduplicated test sets: metrics with bootstrap CIs, calibration measures, plots."""

@@ -1,0 +1,1 @@
+"""Documents generated from measured results: the model card and the README's generated blocks."""

@@ -1,0 +1,83 @@
+"""After training: the post-training statistics a checkpoint serves with, fitted in one place.
+
+* calibration temperatures on the validation split's logits (`calibration.fit_model_temperatures`);
+* the OOD check's feature statistics on the training split's pooled lower-block outputs, its limit on the
+  validation split's (`ood.fit_ood`).
+
+Both use data the test sets never contribute to. `train.py` calls `finalize_pipeline`; for an existing
+checkpoint:
+
+    python -m braintumor_flax.training.fit_statistics --checkpoint checkpoints --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from braintumor_flax.calibration import fit_model_temperatures
+from braintumor_flax.checkpoint_info import Calibration, CheckpointInfo
+from braintumor_flax.data.datasets import PreparedData, prepare
+from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.models.forward import Forward
+from braintumor_flax.ood import fit_ood, pool_lower
+from braintumor_flax.training.config import TrainConfig
+from braintumor_flax.training.pipeline import lower_features
+
+
+def fit_calibration(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> Calibration:
+    """Temperatures of both models on the validation split."""
+    val = data.splits["val"]
+    forward = Forward.from_pipeline(pipeline, batch_size=batch_size)
+    if pipeline.shares_lower_blocks:  # the lower blocks' outputs are cached by training: only the heads run
+        out = forward(lower=lower_features(pipeline.view_model, val, batch_size=batch_size))
+    else:
+        out = forward(val.images)
+    fitted = fit_model_temperatures(out.view_logits, val.plane, out.tumor_logits, val.tumor)
+    return Calibration(**{k: fitted[k] for k in ("view_temperature", "tumor_temperature", "fitted_on", "method")})
+
+
+def fit_ood_statistics(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> dict:
+    """OOD statistics on the pooled lower-block output (as the app measures it), limit on validation.
+
+    That feature separated non-MRI images far better than the 128-d view feature (benchmarks/eval_ood.py).
+    """
+    train, val = data.splits["train"], data.splits["val"]
+    train_lower = lower_features(pipeline.view_model, train, batch_size=batch_size)
+    val_lower = lower_features(pipeline.view_model, val, batch_size=batch_size)
+    return fit_ood(pool_lower(train_lower), None, calibration_features=pool_lower(val_lower), images=train.images)
+
+
+def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData) -> CheckpointInfo:
+    """Fit temperatures and OOD statistics into `pipeline.info` (what `save_pretrained` then writes)."""
+    pipeline.info.calibration = fit_calibration(pipeline, data)
+    pipeline.info.ood = fit_ood_statistics(pipeline, data)
+    return pipeline.info
+
+
+def prepare_training_data(pipeline: BrainTumorPipeline, data_dir: str | Path | None) -> PreparedData:
+    """The data split exactly as the checkpoint's training split it (its validation fraction and seed)."""
+    config = TrainConfig.from_record(pipeline.info.training)
+    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, val_fraction=config.val_fraction,
+                   seed=config.seed)
+    trained_on = pipeline.info.dataset_hash
+    if trained_on and trained_on != data.dataset_hash:
+        raise SystemExit("this data is not the data the checkpoint was trained on (dataset hash differs)")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Fit calibration temperatures and OOD statistics into a checkpoint.")
+    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints"))
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write here instead of in place")
+    args = p.parse_args(argv)
+    pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
+    info = finalize_pipeline(pipeline, prepare_training_data(pipeline, args.data_dir))
+    pipeline.save_pretrained(args.out or args.checkpoint)
+    print(info.calibration.to_dict(), "OOD limit", info.ood["distance_limit"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The train state and the jitted train / eval steps, at module level so tests and scripts can import them.
+
+The train state is a pytree (trainable parameters, the rest of the model's state, optimizer state) with the
+model's graph, the optimizer and the step settings as static fields. Frozen parameters are split off by
+name before differentiation (big_vision style), so they get neither gradients nor optimizer slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from braintumor_flax.models import TumorClassifier, ViewClassifier
+from braintumor_flax.models.vgg16 import VGG16_BLOCKS
+from braintumor_flax.training.augment import augment_batch
+from braintumor_flax.training.config import TrainConfig
+from braintumor_flax.xla import cpu_jit
+
+Model = ViewClassifier | TumorClassifier
+
+
+def frozen_layer_names(frozen_blocks: int) -> set[str]:
+    return {f"block{b}_conv{i}" for b in range(1, frozen_blocks + 1) for i in range(1, len(VGG16_BLOCKS[b - 1]) + 1)}
+
+
+def trainable_filter(frozen_blocks: int) -> Callable[[tuple, Any], bool]:
+    """NNX filter: parameters not inside a frozen VGG layer (matched by name, as in big_vision)."""
+    frozen = frozen_layer_names(frozen_blocks)
+
+    def is_trainable(path: tuple, value: Any) -> bool:
+        return isinstance(value, nnx.Param) and not any(str(part) in frozen for part in path)
+
+    return is_trainable
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "warmup_cosine":
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), total)
+    else:
+        lr = config.learning_rate
+    if config.weight_decay > 0:
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    return optax.adam(lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What a step computes besides the model: its input kind, augmentation and loss (hashable: static)."""
+
+    from_lower: bool  # inputs are cached lower-block outputs, not pixels
+    hflip: bool = False
+    vflip: bool = False
+    zoom: float = 0.0
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def of(cls, config: TrainConfig, *, from_lower: bool) -> StepSettings:
+        return cls(from_lower, config.hflip, config.vflip, config.zoom, config.label_smoothing)
+
+
+@struct.dataclass
+class TrainState:
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    settings: StepSettings = struct.field(pytree_node=False)
+    params: nnx.State  # trainable parameters
+    rest: nnx.State  # frozen parameters and every other variable
+    opt_state: optax.OptState
+
+    @classmethod
+    def create(cls, model: Model, tx: optax.GradientTransformation, settings: StepSettings, *,
+               frozen_blocks: int) -> TrainState:
+        graphdef, params, rest = nnx.split(model, trainable_filter(frozen_blocks), ...)
+        return cls(graphdef, tx, settings, params, rest, tx.init(params))
+
+    def model(self) -> Model:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def logits_of(model: Model, x: jax.Array, extra: jax.Array | None, *, from_lower: bool, train: bool,
+              key: jax.Array | None) -> jax.Array:
+    """Logits of one model from pixels or from cached lower-block features (`extra`: the view feature)."""
+    if isinstance(model, ViewClassifier):
+        fn = model.from_lower if from_lower else model
+        return fn(x, train=train, key=key)[0]
+    view_feature = extra if model.config.use_view_feature else None
+    fn = model.from_lower if from_lower else model
+    return fn(x, view_feature, train=train, key=key)
+
+
+def _loss(params: nnx.State, state: TrainState, x: jax.Array, extra: jax.Array | None, labels: jax.Array,
+          key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    model = nnx.merge(state.graphdef, params, state.rest)
+    s = state.settings
+    aug_key, drop_key = jax.random.split(key)
+    x = x.astype(jnp.float32)
+    if s.hflip or s.vflip or s.zoom > 0:
+        x = augment_batch(aug_key, x, hflip=s.hflip, vflip=s.vflip, zoom=s.zoom)
+    logits = logits_of(model, x, extra, from_lower=s.from_lower, train=True, key=drop_key)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), s.label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    return loss, (logits.argmax(-1) == labels).mean()
+
+
+@cpu_jit
+def train_step(state: TrainState, x: jax.Array, extra: jax.Array | None, labels: jax.Array, key: jax.Array
+               ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One optimizer step on a batch: (new state, loss, accuracy)."""
+    (loss, acc), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, state, x, extra, labels, key)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss, acc
+
+
+@cpu_jit
+def eval_step(state: TrainState, x: jax.Array, extra: jax.Array | None) -> jax.Array:
+    """Deterministic logits (no augmentation, no dropout)."""
+    model = nnx.merge(state.graphdef, state.params, state.rest)
+    return logits_of(model, x.astype(jnp.float32), extra, from_lower=state.settings.from_lower, train=False,
+                     key=None)

@@ -1,0 +1,84 @@
+"""Training as a library, on generated data and a tiny VGG: the jitted steps and a whole two-stage run in seconds.
+
+(The real-data runs of `train.py` are in test_training.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from braintumor_flax.data.datasets import PreparedData, Split
+from braintumor_flax.models import ModelConfig, build_model
+from braintumor_flax.serve.predictor import Predictor
+from braintumor_flax.training.config import TrainConfig
+from braintumor_flax.training.fit_statistics import finalize_pipeline
+from braintumor_flax.training.pipeline import train_pipeline
+from braintumor_flax.training.steps import StepSettings, TrainState, eval_step, train_step
+
+SIZE = 32
+CONFIG = TrainConfig(recipe="generated", image_size=SIZE, epochs=3, batch_size=8, eval_batch_size=8,
+                     learning_rate=3e-3, pretrained=False, width_divisor=16, hflip=False, vflip=False, zoom=0.0)
+
+
+def _split(name: str, n: int, seed: int) -> Split:
+    """Learnable images: the tumour class is the quadrant of a bright square, the plane its size."""
+    rng = np.random.default_rng(seed)
+    tumor = rng.integers(0, 4, n).astype(np.int32)
+    plane = rng.integers(0, 3, n).astype(np.int32)
+    images = rng.integers(0, 40, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    for i in range(n):
+        side = 4 + 3 * plane[i]
+        top, left = (tumor[i] // 2) * 16 + 2, (tumor[i] % 2) * 16 + 2
+        images[i, top:top + side, left:left + side] = 230
+    hashes = [hashlib.sha1(f"{name}{i}{seed}".encode()).hexdigest() for i in range(n)]
+    return Split(name, images, tumor, plane, np.array(["generated"] * n), [f"{name}/{i}.png" for i in range(n)],
+                 hashes)
+
+
+@pytest.fixture
+def data() -> PreparedData:
+    splits = {"train": _split("train", 64, 0), "val": _split("val", 24, 1)}
+    return PreparedData(splits, report={}, dataset_hash="generated-0", image_size=SIZE)
+
+
+def test_train_step_fits_a_batch_and_freezes_by_name():
+    model = build_model(ModelConfig("view", image_size=SIZE, width_divisor=16), seed=0)
+    tx = optax.adam(3e-3)
+    state = TrainState.create(model, tx, StepSettings(from_lower=False), frozen_blocks=2)
+    split = _split("b", 16, 3)
+    x, y = jnp.asarray(split.images), jnp.asarray(split.plane)
+    frozen_before = np.asarray(state.rest["vgg"]["block2_conv2"]["kernel"].get_value())
+    trainable_before = np.asarray(state.params["vgg"]["block3_conv1"]["kernel"].get_value())
+    first = None
+    for step in range(25):
+        state, loss, _ = train_step(state, x, None, y, jax.random.key(step))
+        first = float(loss) if first is None else first
+    assert float(loss) < 0.5 * first
+    np.testing.assert_array_equal(np.asarray(state.rest["vgg"]["block2_conv2"]["kernel"].get_value()), frozen_before)
+    assert not np.array_equal(np.asarray(state.params["vgg"]["block3_conv1"]["kernel"].get_value()), trainable_before)
+    assert eval_step(state, x, None).shape == (16, 3)
+
+
+def test_two_stage_run_then_fit_statistics_then_serve(data, tmp_path, tmp_cache):
+    pipeline = train_pipeline(CONFIG, None, tmp_path / "run", data=data, log=lambda _: None)
+    history = pipeline.info.training.history
+    assert [h["epoch"] for h in history["view"]] == [1, 2, 3] and len(history["tumor"]) == 3
+    assert history["tumor"][-1]["train_loss"] < history["tumor"][0]["train_loss"]
+    assert pipeline.info.shared_lower_blocks  # frozen blocks 1-4 are bit-identical in both models
+    info = finalize_pipeline(pipeline, data)
+    assert 0.05 <= info.calibration.tumor_temperature <= 20 and info.ood["feature_dim"] == 32
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    predictor = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8)
+    assert predictor.pipeline.info.training.recipe == "generated"
+    val = data.splits["val"]
+    served = predictor.predict_arrays(val.images)
+    np.testing.assert_allclose(served.tumor_probs.sum(1), 1, atol=1e-5)
+    saved = np.load(tmp_path / "run" / "val_outputs.npz")
+    # Training validated on float16-cached lower outputs, the app runs from pixels: equal up to that rounding.
+    np.testing.assert_allclose(served.tumor_logits, saved["tumor_logits"], rtol=1e-2, atol=5e-3)
