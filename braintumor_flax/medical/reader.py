@@ -1,0 +1,55 @@
+"""One entry point: any uploaded file → what it is (by content) → a `Volume` or a single slice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from braintumor_flax.medical.dicom import looks_like_dicom, read_dicom_file, read_dicom_zip
+from braintumor_flax.medical.nifti import looks_like_nifti, read_nifti
+from braintumor_flax.medical.volume import MedicalFormatError, Volume
+
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def sniff(path: str | Path) -> str | None:
+    """"dicom", "nifti", "zip" or None (e.g. a picture), from the first bytes of the file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if looks_like_dicom(head):
+        return "dicom"
+    if head[:4] in ZIP_MAGIC:
+        return "zip"
+    if looks_like_nifti(path):
+        return "nifti"
+    return None
+
+
+def read_volume(path: str | Path, *, volume_index: int | None = None) -> Volume:
+    """A DICOM file, a .zip of one DICOM series, or a NIfTI file → Volume."""
+    kind = sniff(path)
+    if kind == "dicom":
+        return read_dicom_file(path)
+    if kind == "zip":
+        return read_dicom_zip(path)
+    if kind == "nifti":
+        return read_nifti(path, volume_index=volume_index)
+    raise MedicalFormatError("not a DICOM file, a .zip of a DICOM series or a NIfTI (.nii / .nii.gz) file")
+
+
+def read_dicom_slice(path: str | Path) -> tuple[np.ndarray, str | None, dict]:
+    """A single-image DICOM file → (uint8 RGB slice as the file's plane shows it, header plane, facts).
+
+    The slice is cut along the plane it was acquired in; a multi-frame file is refused (it is a volume).
+    """
+    volume = read_dicom_file(path)
+    if volume.source.get("slices_in_file", 1) > 1:
+        raise MedicalFormatError(f"this DICOM file holds {volume.source['slices_in_file']} frames (a volume); "
+                                 "send it to /predict_volume")
+    plane = volume.acquired_plane or "axial"  # no orientation in the header: shown as stored
+    return volume.slice_rgb(plane, 0), volume.acquired_plane, volume.info(plane)
