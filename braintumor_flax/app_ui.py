@@ -4,6 +4,7 @@ Endpoints (all through the queue, callable with `gradio_client`):
   /predict        one image file → JSON (plane + probabilities, tumour + probabilities, OOD flag, model version)
   /predict_batch  image files and/or .zip archives → JSON (one result per image, per-class counts)
   /analyze        the single-slice view's own event: plane label, tumour label, Grad-CAM overlay, summary
+  /predict_volume DICOM file / series .zip / NIfTI → per-slice JSON + volume summary (medical/ui.py)
 Bad input raises `gr.Error` with a message for the user; the server carries on.
 """
 
@@ -19,8 +20,9 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from braintumor_flax import batch
+from braintumor_flax import batch, medical
 from braintumor_flax.imageio import ImageDecodeError
+from braintumor_flax.medical.ui import VolumeFunctions, build_volume_tab, register_volume_api
 from braintumor_flax.paths import PROJECT_ROOT
 from braintumor_flax.service import PLANE_NAMES, TUMOR_NAMES, BrainTumorService, SliceResult
 
@@ -82,11 +84,17 @@ class AppFunctions:
     # -- single image ------------------------------------------------------------------------------
 
     def _analyze_path(self, path: str, *, gradcam: bool) -> SliceResult:
+        header_plane = None
         try:
-            rgb = self.service.decode(path)
+            if medical.sniff(path) == "dicom":  # by content: a DICOM slice need not end in .dcm
+                rgb, header_plane, _ = medical.read_dicom_slice(path)
+            else:
+                rgb = self.service.decode(path)
         except ImageDecodeError as exc:
             raise _user_error(batch._strip_source(str(exc)), "Cannot read this image") from None
-        return self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
+        result = self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
+        result.header_plane = header_plane
+        return result
 
     def analyze(self, image: Any) -> tuple[Any, Any, np.ndarray | None, str]:
         """Single-slice view: (plane label, tumour label, Grad-CAM overlay, one-line summary)."""
@@ -196,6 +204,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             download = gr.DownloadButton("Download results (CSV)", visible=False, elem_id="batch-csv")
             run_batch.click(fns.batch_view, inputs=[files], outputs=[table, count_table, download, batch_line],
                             api_name="batch_view", api_visibility="undocumented", **shared)
+        build_volume_tab(VolumeFunctions(service), shared)
         with gr.Tab("API and model"):
             gr.Markdown(api_help(service))
         # API-only endpoints on hidden components: plain JSON answers for programs.
@@ -205,6 +214,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             api_out = gr.JSON()
             api_batch_out = gr.JSON()
             trigger = gr.Button(visible=False)
+            register_volume_api(VolumeFunctions(service), trigger, shared)
         trigger.click(fns.predict, inputs=[api_file], outputs=[api_out], api_name="predict",
                       api_description="One image file → plane and tumour probabilities, OOD flag, model version.",
                       **shared)
@@ -226,10 +236,12 @@ import ssl, certifi
 from gradio_client import Client, handle_file
 # One TLS context for all requests: gradio_client otherwise builds a new one per HTTP request (~55 ms each).
 client = Client("http://127.0.0.1:7860/", ssl_verify=ssl.create_default_context(cafile=certifi.where()))
-r = client.predict(handle_file("slice.jpg"), api_name="/predict")
+r = client.predict(handle_file("slice.jpg"), api_name="/predict")  # a single-slice DICOM works too
 print(r["plane"]["label"], r["tumor"]["label"], r["tumor"]["probabilities"], r["ood"])
 rb = client.predict([handle_file("a.jpg"), handle_file("slices.zip")], api_name="/predict_batch")
 print(rb["counts"]["tumor"], [x["tumor"]["label"] if x["ok"] else x["error"] for x in rb["results"]])
+rv = client.predict(handle_file("scan.nii.gz"), "as acquired", 0, api_name="/predict_volume")
+print(rv["summary"]["label"], rv["summary"]["tumour_slices"], [s["tumor"]["label"] for s in rv["slices"]])
 ```
 Labels are `null` when the image does not look like a brain MRI slice (`"ood": true`, reasons in
 `ood_details`) or could not be read (`"ok": false`, reason in `error`, batch only; `/predict` raises).

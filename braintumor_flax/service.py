@@ -43,6 +43,7 @@ class SliceResult:
     overlay: np.ndarray | None = None  # Grad-CAM over the slice, uint8 RGB (single-image path only)
     error: str | None = None
     compute_ms: float | None = None
+    header_plane: str | None = None  # the plane a DICOM / NIfTI header states (None: a picture, or unstated)
 
     @property
     def ok(self) -> bool:
@@ -96,6 +97,11 @@ class SliceResult:
         out["ood"] = self.is_ood
         out["ood_details"] = self.ood.to_dict()
         out["summary"] = self.summary()
+        if self.header_plane is not None:
+            # Issue 14: the file's own plane beside the model's; a disagreement is worth a second look.
+            out["header_plane"] = self.header_plane
+            out["plane_warning"] = (None if self.plane == self.header_plane else
+                                    f"the file's header says {self.header_plane}, the model sees {self.plane}")
         if self.compute_ms is not None:
             out["compute_ms"] = round(self.compute_ms, 1)
         return out
@@ -188,10 +194,11 @@ class BrainTumorService:
             result.overlay = gradcam_overlay(rgb, cams[0])
         return result
 
-    def analyze_many(self, items: list[tuple[str, np.ndarray | str]]) -> list[SliceResult]:
+    def analyze_many(self, items: list[tuple[str, np.ndarray | str]], *, gradcam: bool = False) -> list[SliceResult]:
         """(name, decoded RGB or an error message) per input → one result per input, in order.
 
-        Good images run through the models in batches; a bad one only fills its own row.
+        Good images run through the models in batches; a bad one only fills its own row. `gradcam`: also
+        the overlay of each in-distribution image (the volume view shows one per slice).
         """
         results: list[SliceResult | None] = [None] * len(items)
         good = [i for i, (_, value) in enumerate(items) if not isinstance(value, str)]
@@ -206,9 +213,12 @@ class BrainTumorService:
             with self._lock:  # per chunk, so single-image requests interleave with a long batch
                 t0 = time.perf_counter()
                 # The explaining program also yields the OOD feature; a lone image reuses the single-image one.
-                prediction, _, pooled = self.predictor.explain_arrays(x)
+                prediction, cams, pooled = self.predictor.explain_arrays(x)
                 elapsed = (time.perf_counter() - t0) * 1000
             names = [items[i][0] for i in idx]
-            for i, result in zip(idx, self._results(names, x, prediction, pooled, elapsed), strict=True):
+            for j, (i, result) in enumerate(zip(idx, self._results(names, x, prediction, pooled, elapsed),
+                                                strict=True)):
+                if gradcam and not result.is_ood:
+                    result.overlay = gradcam_overlay(items[i][1], cams[j])  # type: ignore[arg-type]
                 results[i] = result
         return [r for r in results if r is not None]
