@@ -131,6 +131,10 @@ def _element(ds: Dataset, index: int, sequence: str, keyword: str) -> Any:
     return _get(ds, keyword) if value is None else value
 
 
+def _has_pixels(ds: Dataset) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
 @dataclasses.dataclass
 class _Header:
     rows: int
@@ -143,9 +147,13 @@ class _Header:
 
 def check_header(ds: Dataset) -> _Header:
     """Everything that can refuse a file, from the header alone (nothing decoded yet)."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise MedicalFormatError("this DICOM file holds no image (e.g. a structured report, a DICOMDIR or a "
-                                 "presentation state); upload an image file")
+    if not _has_pixels(ds):
+        sop = UID(str(_get(ds, "SOPClassUID", "")))
+        if not sop:
+            # Lenient parsing turns garbage after a "DICM" marker into a few junk elements.
+            raise MedicalFormatError("not a readable DICOM file (no image and no SOP class: corrupt header?)")
+        kind = sop.name if sop.is_valid and sop.name != str(sop) else "a non-image object"
+        raise MedicalFormatError(f"this DICOM file holds no image (it is {kind}); upload an image file")
     if str(_get(ds, "BurnedInAnnotation", "")).upper() == "YES":
         # Text burnt into the pixels (names, dates) would reach the images we show; we do not OCR it away.
         raise MedicalFormatError("the file states that identifying text is burnt into the image (Burned In "
@@ -344,7 +352,7 @@ def read_dicom_zip(source: str | Path | bytes) -> Volume:
                 skipped += 1  # a README, a thumbnail...: not part of the series
                 continue
             ds = _parse(data)
-            if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            if not _has_pixels(ds):
                 skipped += 1  # DICOMDIR, structured reports, presentation states travel with series
                 continue
             header = check_header(ds)

@@ -204,3 +204,9 @@ def identifying_elements(marker: str = "ZZPHI") -> dict[str, Any]:
         "StudyDescription": f"{marker} brain study", "SeriesDescription": f"{marker} T1 series",
         "ProtocolName": f"{marker} protocol", "ImageComments": f"{marker} comment",
     }
+
+
+def searchable(elements: dict[str, Any]) -> list[str]:
+    """The values worth searching outputs for: a one-letter Patient's Sex would match any word."""
+    return [str(v) for v in elements.values() if len(str(v)) >= 4]
+
