@@ -194,7 +194,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             gr.Markdown(f"Upload many slices and/or `.zip` archives of slices (up to {batch.MAX_BATCH_IMAGES} "
                         "images). Each file gets a row; an unreadable file is reported on its own row.")
             files = gr.File(label="Slices or .zip archives", file_count="multiple",
-                            file_types=["image", ".zip"], elem_id="batch-input")
+                            file_types=["image", ".zip", ".dcm"], elem_id="batch-input")
             run_batch = gr.Button("Analyse all", variant="primary", elem_id="batch-button")
             batch_line = gr.Markdown(elem_id="batch-summary")
             with gr.Row():

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from braintumor_flax import __version__
+from braintumor_flax import __version__, medical
 from braintumor_flax.gradcam import gradcam_overlay
 from braintumor_flax.hub import flat_params
 from braintumor_flax.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
@@ -165,6 +166,9 @@ class BrainTumorService:
         elif isinstance(source, bytes | bytearray) and len(source) > self.max_bytes:
             raise ImageDecodeError(f"file is {len(source) / 2**20:.1f} MB; the limit is "
                                    f"{self.max_bytes / 2**20:.0f} MB per image")
+        if not isinstance(source, Image.Image) and medical.is_dicom(source):
+            # Issue 14: a single-slice DICOM (by content, any name) decodes like a picture, windowed.
+            return medical.read_dicom_slice(source)[0]
         return decode_image(source, max_pixels=self.max_pixels)
 
     # -- analysis ---------------------------------------------------------------------------------

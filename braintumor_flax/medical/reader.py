@@ -30,6 +30,13 @@ def sniff(path: str | Path) -> str | None:
     return None
 
 
+def is_dicom(source: str | Path | bytes) -> bool:
+    """A path or the bytes of a file: DICOM by content?"""
+    if isinstance(source, bytes | bytearray):
+        return looks_like_dicom(bytes(source[:256]))
+    return sniff(source) == "dicom"
+
+
 def read_volume(path: str | Path, *, volume_index: int | None = None) -> Volume:
     """A DICOM file, a .zip of one DICOM series, or a NIfTI file → Volume."""
     kind = sniff(path)
@@ -42,7 +49,7 @@ def read_volume(path: str | Path, *, volume_index: int | None = None) -> Volume:
     raise MedicalFormatError("not a DICOM file, a .zip of a DICOM series or a NIfTI (.nii / .nii.gz) file")
 
 
-def read_dicom_slice(path: str | Path) -> tuple[np.ndarray, str | None, dict]:
+def read_dicom_slice(path: str | Path | bytes) -> tuple[np.ndarray, str | None, dict]:
     """A single-image DICOM file → (uint8 RGB slice as the file's plane shows it, header plane, facts).
 
     The slice is cut along the plane it was acquired in; a multi-frame file is refused (it is a volume).

@@ -69,9 +69,10 @@ class VolumeFunctions:
             progress: Callable[[int, int], None] | None = None) -> VolumeAnalysis:
         path = _path(file)
         name = batch.display_name(os.path.basename(path))  # the client's own file name, never the server path
+        cut, index = _plane(plane), _volume_index(volume_index)  # the request's own fields first, then the file
         try:
-            volume = read_volume(path, volume_index=_volume_index(volume_index))
-            return analyze_volume(self.service, volume, _plane(plane), name=name, progress=progress)
+            volume = read_volume(path, volume_index=index)
+            return analyze_volume(self.service, volume, cut, name=name, progress=progress)
         except MedicalFormatError as exc:
             raise _error(str(exc)) from None
         except gr.Error:
