@@ -9,13 +9,16 @@ Endpoints (named, through the queue):
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 from braintumor_flax import batch
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
@@ -65,14 +68,14 @@ class VolumeFunctions:
     def __init__(self, service: BrainTumorService):
         self.service = service
 
-    def run(self, file: Any, plane: Any, volume_index: Any,
-            progress: Callable[[int, int], None] | None = None) -> VolumeAnalysis:
+    def run(self, file: Any, plane: Any, volume_index: Any, progress: Callable[[int, int], None] | None = None,
+            *, gradcam: bool = True) -> VolumeAnalysis:
         path = _path(file)
         name = batch.display_name(os.path.basename(path))  # the client's own file name, never the server path
         cut, index = _plane(plane), _volume_index(volume_index)  # the request's own fields first, then the file
         try:
             volume = read_volume(path, volume_index=index)
-            return analyze_volume(self.service, volume, cut, name=name, progress=progress)
+            return analyze_volume(self.service, volume, cut, name=name, progress=progress, gradcam=gradcam)
         except MedicalFormatError as exc:
             raise _error(str(exc)) from None
         except gr.Error:
@@ -83,7 +86,8 @@ class VolumeFunctions:
 
     def predict_volume(self, file: Any, plane: Any = AS_ACQUIRED, volume_index: Any = 0) -> dict[str, Any]:
         """API /predict_volume: per-slice JSON and the volume summary."""
-        return self.run(file, plane, volume_index).to_json(self.service.model_version)
+        # No overlays: the JSON carries none (the maps are computed in the same call either way).
+        return self.run(file, plane, volume_index, gradcam=False).to_json(self.service.model_version)
 
     def volume_view(self, file: Any, plane: Any, volume_index: Any,
                     progress: Any = gr.Progress()) -> tuple:  # noqa: B008 - Gradio injects its tracker via this default
@@ -104,12 +108,19 @@ class VolumeFunctions:
         return summary_markdown(analysis, summary), probability_frame(analysis), slider, image, label, line, state
 
 
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _view_state(analysis: VolumeAnalysis) -> list[dict[str, Any]]:
-    """Per slice: the image to show (Grad-CAM overlay unless not assessed), its label dict and one line."""
+    """Per slice: the image to show (Grad-CAM overlay unless not assessed) as JPEG bytes — a session keeps
+    ~15 kB a slice, not a raw array — its label dict and one line."""
     rows = []
     n = len(analysis.slices)
     for i, r in enumerate(analysis.slices):
-        shown = r.overlay if r.overlay is not None else analysis.images[i]
+        shown = _jpeg(r.overlay if r.overlay is not None else analysis.images[i])
         if r.ok and not r.is_ood:
             assert r.tumor_probs is not None and r.plane_probs is not None and r.plane is not None
             label = {TUMOR_NAMES[k]: v for k, v in r.tumor_probs.items()}
@@ -128,7 +139,7 @@ def show_slice(index: Any, state: list[dict[str, Any]] | None) -> tuple[Any, Any
         return None, None, ""
     i = min(max(int(index or 1), 1), len(state)) - 1
     row = state[i]
-    return row["image"], row["label"], row["line"]
+    return Image.open(io.BytesIO(row["image"])), row["label"], row["line"]
 
 
 def probability_frame(analysis: VolumeAnalysis) -> pd.DataFrame:
