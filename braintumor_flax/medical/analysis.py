@@ -45,7 +45,7 @@ class VolumeAnalysis:
     plane: str  # the cut: also the header plane of every slice when the file states its orientation
     info: dict[str, Any]
     slices: list[SliceResult]
-    images: list[np.ndarray]  # each slice as shown (uint8 RGB), for the slider
+    images: list[np.ndarray]  # each slice as shown (uint8 RGB), for the slider (empty without gradcam)
 
     @property
     def header_plane(self) -> str | None:
@@ -105,8 +105,10 @@ class VolumeAnalysis:
         return {"slice": i + 1, **row}
 
     def to_json(self, model_version: str) -> dict[str, Any]:
+        # Model time of all slices together (the rest of a request is reading, cutting and transfer).
+        compute = sum(r.compute_ms or 0.0 for r in self.slices)
         return {"file": self.name, "model_version": model_version, "plane": self.plane,
-                "volume": self.info, "summary": self.summary(),
+                "volume": self.info, "summary": self.summary(), "compute_ms": round(compute, 1),
                 "slices": [self.slice_json(i, model_version) for i in range(len(self.slices))]}
 
 
@@ -128,7 +130,8 @@ def analyze_volume(service: BrainTumorService, volume: Volume, plane: str | None
         for r in results:
             r.header_plane = header_plane
         slices.extend(results)
-        images.extend(rgbs)
+        if gradcam:  # only the view shows them; the API's request need not hold every slice in memory
+            images.extend(rgbs)
         if progress is not None:
             progress(len(slices), n)
     info = {**volume.info(plane), "orientation_known": volume.orientation_known}
