@@ -164,3 +164,22 @@ def test_no_patient_data_in_any_answer_csv_or_log(server, client, files, tmp_pat
     for text in outputs:
         for value in values:
             assert value not in text, f"patient data {value!r} in an output"
+
+
+def test_readme_volume_example_runs_against_the_app(server, files, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The README's DICOM / NIfTI gradio_client code, run as written (only the URL and file names are ours)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### DICOM, NIfTI and volumes"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    assert 'api_name="/predict_volume"' in code
+    (tmp_path / "scan.nii.gz").write_bytes(files["volume.nii.gz"].read_bytes())
+    coronal = next(e for e in EXAMPLES if "_co_" in e.name)
+    (tmp_path / "IM0001").write_bytes(files[coronal.name].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:7860/", server.url), "README.md", "exec"), {})  # noqa: S102
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("Loaded as API")]
+    n = len(lines) - 2  # the summary line, one line per slice, the /predict line
+    assert n >= 3 and lines[1].startswith("1 ") and lines[n].startswith(f"{n} ")
+    assert " coronal " in f" {lines[0]} "  # header plane of the volume
+    assert lines[-1].split()[:2] == ["coronal", "coronal"] and lines[-1].endswith("None")

@@ -291,3 +291,28 @@ def test_reader_outputs_carry_no_patient_data(real_data_dir, tmp_path):
     with pytest.raises(MedicalFormatError) as info_exc:
         read_volume(tmp_path / "broken")
     assert "ZZPHI" not in str(info_exc.value) and "DOE" not in str(info_exc.value)
+
+
+@pytest.mark.parametrize("fmt", ["nifti", "dicom"])
+def test_every_cut_is_shown_the_right_way_up(tmp_path, fmt):
+    """Axial slices 0..2 (inferior → superior) of 8 x 8 with the patient's right (image left) and anterior
+    (image top) halves marked: the coronal and sagittal cuts must show superior at the top, the patient's right
+    on the left (coronal) and anterior on the left (sagittal)."""
+    pictures = []
+    for k in range(3):
+        pic = np.full((8, 8), 40 * (k + 1), np.uint8)
+        pic[:4, :4] += 100  # top-left quarter: anterior and the patient's right
+        pictures.append(pic)
+    if fmt == "nifti":
+        volume = read_volume(write_nifti(tmp_path / "v.nii", pictures, "axial", scaled=False))
+    else:
+        volume = read_volume(_zip(tmp_path / "v.zip", write_dicom_series(tmp_path / "s", pictures, "axial")))
+    assert volume.shape == (8, 8, 3)
+    coronal = volume.cut("coronal", 0)  # the most posterior coronal row: no anterior mark, right-left split
+    sagittal = volume.cut("sagittal", 7)  # the patient's rightmost column
+    for cut in (coronal, sagittal):
+        assert cut.shape == (3, 8)
+        assert cut[0, 6] > cut[1, 6] > cut[2, 6]  # superior (the last slice, brightest) at the top
+    assert volume.cut("coronal", 7)[0, :4].mean() > volume.cut("coronal", 7)[0, 4:].mean()  # right on the left
+    assert sagittal[0, :4].mean() > sagittal[0, 4:].mean()  # anterior on the left
+    np.testing.assert_array_equal(volume.cut("axial", 2), pictures[2])  # the acquired plane as stored
