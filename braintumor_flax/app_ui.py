@@ -107,7 +107,10 @@ class AppFunctions:
         assert result.plane_probs is not None and result.tumor_probs is not None
         plane = {PLANE_NAMES[k]: v for k, v in result.plane_probs.items()}
         tumour = {TUMOR_NAMES[k]: v for k, v in result.tumor_probs.items()}
-        return plane, tumour, result.overlay, result.summary()
+        summary = result.summary()
+        if result.header_plane and result.header_plane != result.plane:  # a DICOM whose header disagrees
+            summary += f" ⚠️ The file's header says {result.header_plane}."
+        return plane, tumour, result.overlay, summary
 
     def predict(self, file: Any) -> dict[str, Any]:
         """API /predict: one image file → JSON."""

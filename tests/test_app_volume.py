@@ -183,3 +183,17 @@ def test_readme_volume_example_runs_against_the_app(server, files, tmp_path, mon
     assert n >= 3 and lines[1].startswith("1 ") and lines[n].startswith(f"{n} ")
     assert " coronal " in f" {lines[0]} "  # header plane of the volume
     assert lines[-1].split()[:2] == ["coronal", "coronal"] and lines[-1].endswith("None")
+
+
+def test_a_header_that_disagrees_with_the_model_is_a_warning(client, tmp_path):  # noqa: F811
+    """A sagittal slice whose DICOM header claims axial: the answer keeps both and warns."""
+    sagittal = next(e for e in EXAMPLES if "_sa_" in e.name)
+    lying = write_dicom_series(tmp_path / "lie", [_grey(sagittal)], "axial")[0]
+    r = client.predict(handle_file(str(lying)), api_name="/predict")
+    assert r["header_plane"] == "axial" and r["plane"]["label"] == "sagittal"
+    assert r["plane_warning"] == "the file's header says axial, the model sees sagittal"
+    *_, summary = client.predict(handle_file(str(lying)), api_name="/analyze")
+    assert "⚠️ The file's header says axial." in summary
+    rv = client.predict(handle_file(str(lying)), api_name="/predict_volume")
+    assert rv["summary"]["header_plane"] == "axial" and rv["summary"]["model_plane"] == "sagittal"
+    assert any("header says these are axial" in w for w in rv["summary"]["warnings"])
