@@ -316,3 +316,16 @@ def test_every_cut_is_shown_the_right_way_up(tmp_path, fmt):
     assert volume.cut("coronal", 7)[0, :4].mean() > volume.cut("coronal", 7)[0, 4:].mean()  # right on the left
     assert sagittal[0, :4].mean() > sagittal[0, 4:].mean()  # anterior on the left
     np.testing.assert_array_equal(volume.cut("axial", 2), pictures[2])  # the acquired plane as stored
+
+
+def test_series_with_mixed_orientations_or_sizes_is_refused(tmp_path):
+    grey = np.full((8, 8), 90, np.uint8)
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    axial = write_dicom_series(tmp_path / "a", [grey, grey], "axial", series_uid=uid)
+    coronal = write_dicom_series(tmp_path / "c", [grey], "coronal", series_uid=uid, names=["C1"])
+    with pytest.raises(MedicalFormatError, match="different orientations"):
+        read_volume(_zip(tmp_path / "mixed.zip", axial + coronal))
+    small = write_dicom_series(tmp_path / "s", [np.full((4, 4), 90, np.uint8)], "axial", series_uid=uid,
+                               names=["S1"])
+    with pytest.raises(MedicalFormatError, match="differ in size"):
+        read_volume(_zip(tmp_path / "sizes.zip", axial + small))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -11,6 +15,8 @@ from braintumor_flax.medical.nifti import looks_like_nifti, read_nifti
 from braintumor_flax.medical.volume import MedicalFormatError, Volume
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def sniff(path: str | Path) -> str | None:
@@ -37,6 +43,24 @@ def is_dicom(source: str | Path | bytes) -> bool:
     return sniff(source) == "dicom"
 
 
+def _guarded(read: Callable[..., T]) -> Callable[..., T]:
+    """Any failure that is not already one of our messages becomes a generic one: a library's exception
+    text (or a traceback in the server log) could quote a header value."""
+
+    @functools.wraps(read)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return read(*args, **kwargs)
+        except MedicalFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.error("medical reader failed: %s", type(exc).__name__)  # the type only, never the message
+            raise MedicalFormatError("this file could not be read (unexpected error while decoding it)") from None
+
+    return wrapper
+
+
+@_guarded
 def read_volume(path: str | Path, *, volume_index: int | None = None) -> Volume:
     """A DICOM file, a .zip of one DICOM series, or a NIfTI file → Volume."""
     kind = sniff(path)
@@ -49,6 +73,7 @@ def read_volume(path: str | Path, *, volume_index: int | None = None) -> Volume:
     raise MedicalFormatError("not a DICOM file, a .zip of a DICOM series or a NIfTI (.nii / .nii.gz) file")
 
 
+@_guarded
 def read_dicom_slice(path: str | Path | bytes) -> tuple[np.ndarray, str | None, dict]:
     """A single-image DICOM file → (uint8 RGB slice as the file's plane shows it, header plane, facts).
 
