@@ -207,7 +207,8 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             download = gr.DownloadButton("Download results (CSV)", visible=False, elem_id="batch-csv")
             run_batch.click(fns.batch_view, inputs=[files], outputs=[table, count_table, download, batch_line],
                             api_name="batch_view", api_visibility="undocumented", **shared)
-        build_volume_tab(VolumeFunctions(service), shared)
+        volume_fns = VolumeFunctions(service)
+        build_volume_tab(volume_fns, shared)
         with gr.Tab("API and model"):
             gr.Markdown(api_help(service))
         # API-only endpoints on hidden components: plain JSON answers for programs.
@@ -217,7 +218,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             api_out = gr.JSON()
             api_batch_out = gr.JSON()
             trigger = gr.Button(visible=False)
-            register_volume_api(VolumeFunctions(service), trigger, shared)
+            register_volume_api(volume_fns, trigger, shared)
         trigger.click(fns.predict, inputs=[api_file], outputs=[api_out], api_name="predict",
                       api_description="One image file → plane and tumour probabilities, OOD flag, model version.",
                       **shared)
