@@ -329,3 +329,37 @@ def test_series_with_mixed_orientations_or_sizes_is_refused(tmp_path):
                                names=["S1"])
     with pytest.raises(MedicalFormatError, match="differ in size"):
         read_volume(_zip(tmp_path / "sizes.zip", axial + small))
+
+
+def _slice(tumour: str, *, ood: bool = False, plane: str = "axial"):
+    from braintumor_flax.ood import OODResult
+    from braintumor_flax.service import SliceResult
+
+    tumor_probs = {c: (0.7 if c == tumour else 0.1) for c in ("glioma", "meningioma", "no_tumor", "pituitary")}
+    plane_probs = {p: (0.8 if p == plane else 0.1) for p in PLANES}
+    return SliceResult("s", plane_probs, tumor_probs, OODResult(ood, 2.0 if ood else 0.5, None, {}, []),
+                       header_plane="axial")
+
+
+def test_volume_summary_aggregation_rules():
+    from braintumor_flax.medical.analysis import VolumeAnalysis
+
+    def summary(slices):
+        return VolumeAnalysis("v", "axial", {}, slices, []).summary()
+
+    # One tumour slice among clear ones is not enough; two are.
+    one = summary([_slice("no_tumor")] * 5 + [_slice("glioma")])
+    assert one["label"] == "no_tumor" and one["tumour_slices"] == "6"
+    two = summary([_slice("no_tumor"), _slice("glioma"), _slice("glioma"), _slice("meningioma"),
+                   _slice("no_tumor")])
+    assert two["label"] == "glioma" and two["tumour_slices"] == "2–4"
+    assert two["mean_probabilities"]["glioma"] == pytest.approx((0.7 + 0.7 + 0.1) / 3)
+    # Slices that do not look like brain MRI do not vote, and are listed as not assessed.
+    ood = summary([_slice("pituitary", ood=True)] * 3 + [_slice("no_tumor")])
+    assert ood["label"] == "no_tumor" and ood["not_assessed"] == "1–3" and ood["n_assessed"] == 1
+    assert summary([_slice("glioma")])["label"] == "glioma"  # a one-slice file: its only slice decides
+    assert summary([_slice("glioma", ood=True)])["label"] is None
+    # The header plane beside the model's, with a warning when most slices disagree.
+    coronal = summary([_slice("no_tumor", plane="coronal")] * 3)
+    assert coronal["model_plane"] == "coronal" and coronal["plane_agreement"] == 0
+    assert "header says these are axial" in coronal["warnings"][0]
