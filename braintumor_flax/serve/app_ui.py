@@ -4,6 +4,7 @@ Endpoints (all through the queue, callable with `gradio_client`):
   /predict        one image file → JSON (plane + probabilities, tumour + probabilities, OOD flag, model version)
   /predict_batch  image files and/or .zip archives → JSON (one result per image, per-class counts)
   /analyze        the single-slice view's own event: plane label, tumour label, Grad-CAM overlay, summary
+  /predict_volume DICOM file / series .zip / NIfTI → per-slice JSON + volume summary (medical/ui.py)
 Bad input raises `gr.Error` with a message for the user; the server carries on.
 """
 
@@ -19,10 +20,12 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
+from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError
 from braintumor_flax.paths import PROJECT_ROOT
 from braintumor_flax.serve import uploads as batch
 from braintumor_flax.serve.service import PLANE_NAMES, TUMOR_NAMES, BrainTumorService, SliceResult
+from braintumor_flax.serve.volume_ui import VolumeFunctions, build_volume_tab, register_volume_api
 
 EXAMPLES_DIR = PROJECT_ROOT / "examples"
 MAX_UPLOAD = "64mb"  # Gradio refuses larger uploads before our code runs (zip archives included)
@@ -82,11 +85,17 @@ class AppFunctions:
     # -- single image ------------------------------------------------------------------------------
 
     def _analyze_path(self, path: str, *, gradcam: bool) -> SliceResult:
+        header_plane = None
         try:
-            rgb = self.service.decode(path)
+            if medical.sniff(path) == "dicom":  # by content: a DICOM slice need not end in .dcm
+                rgb, header_plane, _ = medical.read_dicom_slice(path)
+            else:
+                rgb = self.service.decode(path)
         except ImageDecodeError as exc:
             raise _user_error(batch._strip_source(str(exc)), "Cannot read this image") from None
-        return self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
+        result = self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
+        result.header_plane = header_plane
+        return result
 
     def analyze(self, image: Any) -> tuple[Any, Any, np.ndarray | None, str]:
         """Single-slice view: (plane label, tumour label, Grad-CAM overlay, one-line summary)."""
@@ -99,7 +108,10 @@ class AppFunctions:
         assert result.plane_probs is not None and result.tumor_probs is not None
         plane = {PLANE_NAMES[k]: v for k, v in result.plane_probs.items()}
         tumour = {TUMOR_NAMES[k]: v for k, v in result.tumor_probs.items()}
-        return plane, tumour, result.overlay, result.summary()
+        summary = result.summary()
+        if result.header_plane and result.header_plane != result.plane:  # a DICOM whose header disagrees
+            summary += f" ⚠️ The file's header says {result.header_plane}."
+        return plane, tumour, result.overlay, summary
 
     def predict(self, file: Any) -> dict[str, Any]:
         """API /predict: one image file → JSON."""
@@ -186,7 +198,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             gr.Markdown(f"Upload many slices and/or `.zip` archives of slices (up to {batch.MAX_BATCH_IMAGES} "
                         "images). Each file gets a row; an unreadable file is reported on its own row.")
             files = gr.File(label="Slices or .zip archives", file_count="multiple",
-                            file_types=["image", ".zip"], elem_id="batch-input")
+                            file_types=["image", ".zip", ".dcm"], elem_id="batch-input")
             run_batch = gr.Button("Analyse all", variant="primary", elem_id="batch-button")
             batch_line = gr.Markdown(elem_id="batch-summary")
             with gr.Row():
@@ -196,6 +208,8 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             download = gr.DownloadButton("Download results (CSV)", visible=False, elem_id="batch-csv")
             run_batch.click(fns.batch_view, inputs=[files], outputs=[table, count_table, download, batch_line],
                             api_name="batch_view", api_visibility="undocumented", **shared)
+        volume_fns = VolumeFunctions(service)
+        build_volume_tab(volume_fns, shared)
         with gr.Tab("API and model"):
             gr.Markdown(api_help(service))
         # API-only endpoints on hidden components: plain JSON answers for programs.
@@ -205,6 +219,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
             api_out = gr.JSON()
             api_batch_out = gr.JSON()
             trigger = gr.Button(visible=False)
+            register_volume_api(volume_fns, trigger, shared)
         trigger.click(fns.predict, inputs=[api_file], outputs=[api_out], api_name="predict",
                       api_description="One image file → plane and tumour probabilities, OOD flag, model version.",
                       **shared)
@@ -226,10 +241,12 @@ import ssl, certifi
 from gradio_client import Client, handle_file
 # One TLS context for all requests: gradio_client otherwise builds a new one per HTTP request (~55 ms each).
 client = Client("http://127.0.0.1:7860/", ssl_verify=ssl.create_default_context(cafile=certifi.where()))
-r = client.predict(handle_file("slice.jpg"), api_name="/predict")
+r = client.predict(handle_file("slice.jpg"), api_name="/predict")  # a single-slice DICOM works too
 print(r["plane"]["label"], r["tumor"]["label"], r["tumor"]["probabilities"], r["ood"])
 rb = client.predict([handle_file("a.jpg"), handle_file("slices.zip")], api_name="/predict_batch")
 print(rb["counts"]["tumor"], [x["tumor"]["label"] if x["ok"] else x["error"] for x in rb["results"]])
+rv = client.predict(handle_file("scan.nii.gz"), "as acquired", 0, api_name="/predict_volume")
+print(rv["summary"]["label"], rv["summary"]["tumour_slices"], [s["tumor"]["label"] for s in rv["slices"]])
 ```
 Labels are `null` when the image does not look like a brain MRI slice (`"ood": true`, reasons in
 `ood_details`) or could not be read (`"ok": false`, reason in `error`, batch only; `/predict` raises).

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from braintumor_flax import __version__
+from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.models.params import weights_digest
@@ -42,6 +44,7 @@ class SliceResult:
     overlay: np.ndarray | None = None  # Grad-CAM over the slice, uint8 RGB (single-image path only)
     error: str | None = None
     compute_ms: float | None = None
+    header_plane: str | None = None  # the plane a DICOM / NIfTI header states (None: a picture, or unstated)
 
     @property
     def ok(self) -> bool:
@@ -95,6 +98,11 @@ class SliceResult:
         out["ood"] = self.is_ood
         out["ood_details"] = self.ood.to_dict()
         out["summary"] = self.summary()
+        if self.header_plane is not None:
+            # Issue 14: the file's own plane beside the model's; a disagreement is worth a second look.
+            out["header_plane"] = self.header_plane
+            out["plane_warning"] = (None if self.plane == self.header_plane else
+                                    f"the file's header says {self.header_plane}, the model sees {self.plane}")
         if self.compute_ms is not None:
             out["compute_ms"] = round(self.compute_ms, 1)
         return out
@@ -148,6 +156,9 @@ class BrainTumorService:
         elif isinstance(source, bytes | bytearray) and len(source) > self.max_bytes:
             raise ImageDecodeError(f"file is {len(source) / 2**20:.1f} MB; the limit is "
                                    f"{self.max_bytes / 2**20:.0f} MB per image")
+        if not isinstance(source, Image.Image) and medical.is_dicom(source):
+            # Issue 14: a single-slice DICOM (by content, any name) decodes like a picture, windowed.
+            return medical.read_dicom_slice(source)[0]
         return decode_image(source, max_pixels=self.max_pixels)
 
     # -- analysis ---------------------------------------------------------------------------------
@@ -178,10 +189,11 @@ class BrainTumorService:
             result.overlay = gradcam_overlay(rgb, prediction.outputs.cam[0])
         return result
 
-    def analyze_many(self, items: list[tuple[str, np.ndarray | str]]) -> list[SliceResult]:
+    def analyze_many(self, items: list[tuple[str, np.ndarray | str]], *, gradcam: bool = False) -> list[SliceResult]:
         """(name, decoded RGB or an error message) per input → one result per input, in order.
 
-        Good images run through the models in batches; a bad one only fills its own row.
+        Good images run through the models in batches; a bad one only fills its own row. `gradcam`: also
+        the overlay of each in-distribution image (the volume view shows one per slice).
         """
         results: list[SliceResult | None] = [None] * len(items)
         good = [i for i, (_, value) in enumerate(items) if not isinstance(value, str)]
@@ -199,6 +211,8 @@ class BrainTumorService:
                 prediction = self.predictor.explain_arrays(x)
                 elapsed = (time.perf_counter() - t0) * 1000
             names = [items[i][0] for i in idx]
-            for i, result in zip(idx, self._results(names, x, prediction, elapsed), strict=True):
+            for j, (i, result) in enumerate(zip(idx, self._results(names, x, prediction, elapsed), strict=True)):
+                if gradcam and not result.is_ood:
+                    result.overlay = gradcam_overlay(items[i][1], prediction.outputs.cam[j])  # type: ignore[arg-type]
                 results[i] = result
         return [r for r in results if r is not None]
