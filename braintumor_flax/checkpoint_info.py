@@ -57,6 +57,8 @@ class CheckpointInfo:
     training: TrainingRecord | None = None
     # Both models hold bit-identical lower blocks, so the trunk's lower part runs once per image.
     shared_lower_blocks: bool = False
+    # Both models hold one whole trunk (the shared-trunk model): all of it runs once per image.
+    shared_trunk: bool = False
     class_names: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: {"view": list(PLANES), "tumor": list(TUMOR_CLASSES)})
 
@@ -72,6 +74,8 @@ class CheckpointInfo:
         """The config.json keys (absent parts left out, so an old checkpoint re-saves to the same file)."""
         out: dict[str, Any] = {"calibration": self.calibration.to_dict(), "class_names": self.class_names,
                                "shared_lower_blocks": self.shared_lower_blocks}
+        if self.shared_trunk:  # written only when true: older checkpoints re-save to the same file
+            out["shared_trunk"] = True
         if self.ood is not None:
             out["ood"] = self.ood
         if self.training is not None:
@@ -90,5 +94,6 @@ class CheckpointInfo:
             ood=data.get("ood"),
             training=pick(TrainingRecord, data["training"]) if data.get("training") else None,
             shared_lower_blocks=bool(data.get("shared_lower_blocks", False)),
+            shared_trunk=bool(data.get("shared_trunk", False)),
             class_names=data.get("class_names", default.class_names),
         )

@@ -126,6 +126,11 @@ class BrainTumorPipeline(
         """True when both models hold identical frozen lower blocks, so the trunk can run once per image."""
         return self.info.shared_lower_blocks
 
+    @property
+    def shares_trunk(self) -> bool:
+        """True when both models hold one whole trunk (the shared-trunk model): it runs once per image."""
+        return self.info.shared_trunk
+
     def config_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
@@ -142,6 +147,8 @@ class BrainTumorPipeline(
         split = self.view_model.config.lower_blocks
         lower_names = [k for k in view if any(f"block{b}_" in k for b in range(1, split + 1))]
         self.info.shared_lower_blocks = bool(lower_names) and all(k in shared for k in lower_names)
+        trunk_names = [k for k in view if k.startswith("vgg.")]
+        self.info.shared_trunk = bool(trunk_names) and all(k in shared for k in trunk_names)
         cast = (lambda d: {k: v.astype(dtype) for k, v in d.items()}) if dtype != "float32" else (lambda d: d)
         # One metadata key: safetensors writes its metadata map in hash order, so with two keys the same tensors
         # could give different bytes (and a new blob for git and the Hub) on every save.

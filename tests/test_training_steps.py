@@ -82,3 +82,26 @@ def test_two_stage_run_then_fit_statistics_then_serve(data, tmp_path, tmp_cache)
     saved = np.load(tmp_path / "run" / "val_outputs.npz")
     # Training validated on float16-cached lower outputs, the app runs from pixels: equal up to that rounding.
     np.testing.assert_allclose(served.tumor_logits, saved["tumor_logits"], rtol=1e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("frozen_blocks", [4, 0])  # cached lower features, and full fine-tuning on pixels
+def test_shared_trunk_run_serves_one_trunk(data, tmp_path, tmp_cache, frozen_blocks):
+    config = CONFIG.replace(recipe="generated-shared", model="shared_trunk", frozen_blocks=frozen_blocks,
+                            cache_lower_features=frozen_blocks == 4, pixel_augment=frozen_blocks == 0,
+                            keep_best=True, epochs=2)
+    pipeline = train_pipeline(config, None, tmp_path / "run", data=data, log=lambda _: None)
+    assert pipeline.view_model.vgg is pipeline.tumor_model.vgg  # one trunk object while training
+    history = pipeline.info.training.history["shared"]
+    assert "val_view_accuracy" in history[0] and history[-1]["kept_epoch"] in (1, 2)
+    finalize_pipeline(pipeline, data)
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    predictor = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8)
+    assert predictor.pipeline.shares_trunk and predictor.forward.share_trunk
+    assert predictor.pipeline.view_model.vgg is not predictor.pipeline.tumor_model.vgg  # loaded: equal copies
+    val = data.splits["val"]
+    served = predictor.explain_arrays(val.images)
+    saved = np.load(tmp_path / "run" / "val_outputs.npz")
+    tol = {"rtol": 1e-2, "atol": 5e-3} if frozen_blocks else {"rtol": 1e-4, "atol": 1e-4}  # float16 cache
+    np.testing.assert_allclose(served.tumor_logits, saved["tumor_logits"], **tol)
+    np.testing.assert_allclose(served.view_logits, saved["view_logits"], **tol)
+    assert served.outputs.cam.shape == (len(val), SIZE // 16, SIZE // 16)

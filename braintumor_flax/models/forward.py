@@ -38,6 +38,7 @@ class TwoModels(Protocol):
     view_model: ViewClassifier
     tumor_model: TumorClassifier
     shares_lower_blocks: bool
+    shares_trunk: bool
 
 
 @dataclasses.dataclass
@@ -71,18 +72,23 @@ def pad_rows(array: np.ndarray, start: int, rows: int, padded: int, dtype: np.dt
 
 def two_stage(view: ViewClassifier | None, tumor: TumorClassifier | None, view_lower: jax.Array,
               tumor_lower: jax.Array | None, *, want_view: bool, explain: bool = False,
-              target: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Lower-block outputs → view logits and feature → tumour logits (+ Grad-CAM). Traced, never called eagerly."""
+              target: jax.Array | None = None, share_trunk: bool = False) -> dict[str, jax.Array]:
+    """Lower-block outputs → view logits and feature → tumour logits (+ Grad-CAM). Traced, never called eagerly.
+
+    `share_trunk`: the models' whole VGG is one (the shared-trunk model): its upper blocks run once for both.
+    """
     out: dict[str, jax.Array] = {}
     needs_feature = tumor is not None and tumor.config.use_view_feature
     feature = None
-    if view is not None and (want_view or needs_feature):
-        out["view_logits"], feature = view.head(view.upper_convs(view_lower))
+    view_last_conv = None
+    if view is not None and (want_view or needs_feature or share_trunk):
+        view_last_conv = view.upper_convs(view_lower)
+        out["view_logits"], feature = view.head(view_last_conv)
         out["view_feature"] = feature
     if tumor is None:
         return out
     assert tumor_lower is not None
-    last_conv = tumor.upper_convs(tumor_lower)
+    last_conv = view_last_conv if share_trunk and view_last_conv is not None else tumor.upper_convs(tumor_lower)
     if not explain:
         out["tumor_logits"] = tumor.head(last_conv, feature if needs_feature else None)
         return out
@@ -117,7 +123,8 @@ class Forward:
     """
 
     def __init__(self, view_model: ViewClassifier | None, tumor_model: TumorClassifier | None = None, *,
-                 share_lower: bool = False, batch_size: int = 16, lone_chunk_own_shape: bool = False):
+                 share_lower: bool = False, share_trunk: bool = False, batch_size: int = 16,
+                 lone_chunk_own_shape: bool = False):
         if view_model is None and tumor_model is None:
             raise ValueError("Forward needs at least one model")
         models = [m for m in (view_model, tumor_model) if m is not None]
@@ -130,7 +137,8 @@ class Forward:
         self.lone_chunk_own_shape = lone_chunk_own_shape
         self.has_view, self.has_tumor = view_model is not None, tumor_model is not None
         self._tumor_uses_view = bool(self.has_view and tumor_model is not None and tumor_model.config.use_view_feature)
-        self.share_lower = share_lower or not (self.has_view and self.has_tumor)
+        self.share_lower = share_lower or share_trunk or not (self.has_view and self.has_tumor)
+        self.share_trunk = share_trunk and self.has_view and self.has_tumor
         self._graphs, self._states = zip(*(nnx.split(m) for m in (view_model, tumor_model) if m is not None),
                                          strict=True)
         self._programs: dict[_Program, Callable] = {}
@@ -138,7 +146,8 @@ class Forward:
 
     @classmethod
     def from_pipeline(cls, pipeline: TwoModels, **kwargs) -> Forward:
-        return cls(pipeline.view_model, pipeline.tumor_model, share_lower=pipeline.shares_lower_blocks, **kwargs)
+        return cls(pipeline.view_model, pipeline.tumor_model, share_lower=pipeline.shares_lower_blocks,
+                   share_trunk=pipeline.shares_trunk, **kwargs)
 
     @property
     def lower_shape(self) -> tuple[int, int, int]:
@@ -160,7 +169,7 @@ class Forward:
                     lower = (view if view is not None else tumor).lower(x)
                     tumor_lower = None if tumor is None else (lower if self.share_lower else tumor.lower(x))
                 out = two_stage(view, tumor, lower, tumor_lower, want_view=p.want_view, explain=p.explain,
-                                target=target)
+                                target=target, share_trunk=self.share_trunk)
                 if p.pooled:
                     out["lower_pooled"] = lower.mean(axis=(1, 2))
                 if p.keep_lower:

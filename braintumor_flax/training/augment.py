@@ -1,7 +1,8 @@
-"""Pure-JAX batch augmentation: random flips and centred zoom, per sample, any channel count."""
+"""Pure-JAX batch augmentation: flips and zoom (pixels or cached feature maps), and pixel-space augmentation."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -54,3 +55,72 @@ def augment_batch(key: jax.Array, images: jax.Array, *, hflip: bool = True, vfli
         images = images.astype(jnp.float32)
     keys = jax.random.split(key, images.shape[0])
     return jax.vmap(lambda k, x: _augment_one(k, x, hflip, vflip, zoom))(keys, images).astype(images.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelAugment:
+    """Pixel-space augmentation aimed at differences between sources (scanners, exports, crops).
+
+    Geometric: one random affine per image (scale, shift, rotation, flips), bilinear, zero fill. Photometric,
+    on [0, 255] grey values: brightness, contrast, gamma, a random monotone intensity curve, blur and noise.
+    """
+
+    hflip: bool = True
+    vflip: bool = False
+    scale: tuple[float, float] = (0.8, 1.2)  # >1 zooms in (a random resized crop), <1 zooms out
+    shift: float = 0.1  # fraction of the side
+    rotate_deg: float = 15.0
+    brightness: float = 0.1  # ± fraction of 255
+    contrast: float = 0.2  # factor in [1 - c, 1 + c]
+    gamma: float = 0.3  # exponent in [1 - g, 1 + g]
+    curve: float = 0.1  # ± shift of the mid control points of a monotone intensity curve
+    blur_p: float = 0.2
+    noise_std: float = 4.0  # max Gaussian noise σ in grey levels
+
+
+def _affine_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax.Array:
+    h, w = image.shape[:2]
+    k = jax.random.split(key, 6)
+    scale = jax.random.uniform(k[0], (), minval=aug.scale[0], maxval=aug.scale[1])
+    angle = jnp.deg2rad(jax.random.uniform(k[1], (), minval=-aug.rotate_deg, maxval=aug.rotate_deg))
+    shift = jax.random.uniform(k[2], (2,), minval=-aug.shift, maxval=aug.shift) * jnp.array([h, w])
+    flip_x = jnp.where(aug.hflip & jax.random.bernoulli(k[3]), -1.0, 1.0)
+    flip_y = jnp.where(aug.vflip & jax.random.bernoulli(k[4]), -1.0, 1.0)
+    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    y, x = (rows - cy - shift[0]) / scale, (cols - cx - shift[1]) / scale  # output -> source (inverse map)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    src_y = (cos * y - sin * x) * flip_y + cy
+    src_x = (sin * y + cos * x) * flip_x + cx
+    return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], [src_y, src_x], order=1, mode="constant")
+                      for c in range(image.shape[-1])], axis=-1)
+
+
+def _photometric_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax.Array:
+    k = jax.random.split(key, 8)
+    x = image / 255.0
+    x = x + jax.random.uniform(k[0], (), minval=-aug.brightness, maxval=aug.brightness)
+    mean = x.mean()
+    x = (x - mean) * jax.random.uniform(k[1], (), minval=1 - aug.contrast, maxval=1 + aug.contrast) + mean
+    x = jnp.clip(x, 0.0, 1.0) ** jax.random.uniform(k[2], (), minval=1 - aug.gamma, maxval=1 + aug.gamma)
+    # A random monotone curve through (0, 0), (1/3, a), (2/3, b), (1, 1): intensity remapping between scanners.
+    mids = jnp.sort(jnp.array([1 / 3, 2 / 3]) + jax.random.uniform(k[3], (2,), minval=-aug.curve, maxval=aug.curve))
+    x = jnp.interp(x, jnp.array([0.0, 1 / 3, 2 / 3, 1.0]), jnp.concatenate([jnp.zeros(1), jnp.clip(mids, 0, 1),
+                                                                            jnp.ones(1)]))
+    blurred = (x + jnp.roll(x, 1, 0) + jnp.roll(x, -1, 0) + jnp.roll(x, 1, 1) + jnp.roll(x, -1, 1)) / 5.0
+    x = jnp.where(jax.random.bernoulli(k[4], float(aug.blur_p)), blurred, x)
+    sigma = jax.random.uniform(k[5], (), minval=0.0, maxval=aug.noise_std / 255.0)
+    x = x + sigma * jax.random.normal(k[6], (*x.shape[:2], 1))  # the same noise in every channel
+    # The slices are grey: apply one grey change to all three channels alike (they stay equal).
+    return jnp.clip(x, 0.0, 1.0) * 255.0
+
+
+def augment_pixels(key: jax.Array, images: jax.Array, aug: PixelAugment) -> jax.Array:
+    """float [B, S, S, 3] in [0, 255] → augmented, per sample (traced inside the train step)."""
+    keys = jax.random.split(key, images.shape[0])
+
+    def one(k: jax.Array, image: jax.Array) -> jax.Array:
+        k1, k2 = jax.random.split(k)
+        return _photometric_one(k2, _affine_one(k1, image, aug), aug)
+
+    return jax.vmap(one)(keys, images.astype(jnp.float32))

@@ -30,6 +30,11 @@ class TrainConfig:
     zoom: float = 0.2
     use_view_feature: bool = True  # False = the ablation: tumour model without the view branch
     pretrained: bool = True  # ImageNet VGG16 convolutions; False = random (generated-data tests)
+    # "two_stage": the original's two networks, trained one after the other; "shared_trunk": one trunk, both
+    # heads trained together (models/shared_trunk.py).
+    model: Literal["two_stage", "shared_trunk"] = "two_stage"
+    pixel_augment: bool = False  # source-robustness augmentation on pixels (training/augment.PixelAugment)
+    keep_best: bool = False  # keep the epoch with the best validation tumour accuracy, not the last
     width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
     val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = DEFAULT_SEED
@@ -71,6 +76,16 @@ RECIPES: dict[str, TrainConfig] = {
     "finetune-30ep": TrainConfig(recipe="finetune-30ep", epochs=30, frozen_blocks=0, cache_lower_features=False,
                                  schedule="warmup_cosine", warmup_epochs=2.0, learning_rate=1e-4,
                                  weight_decay=1e-4, label_smoothing=0.1),
+    # One trunk, both heads (models/shared_trunk.py), trained together; chosen on validation (keep_best).
+    # CPU: blocks 1-4 frozen and cached, block 5 and both heads trained (an epoch of block 5 costs minutes here).
+    "shared-frozen4": TrainConfig(recipe="shared-frozen4", model="shared_trunk", epochs=20, schedule="warmup_cosine",
+                                  warmup_epochs=1.0, learning_rate=3e-4, weight_decay=1e-4, label_smoothing=0.1,
+                                  keep_best=True),
+    # GPU: every block trained on pixels with the source-robustness augmentation, at four input sizes.
+    **{f"shared-finetune-{size}": TrainConfig(
+        recipe=f"shared-finetune-{size}", model="shared_trunk", image_size=size, epochs=30, frozen_blocks=0,
+        cache_lower_features=False, pixel_augment=True, vflip=False, schedule="warmup_cosine", warmup_epochs=2.0,
+        learning_rate=1e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True) for size in (128, 160, 192, 224)},
     # Seconds-long smoke test on a handful of images.
     "tiny": TrainConfig(recipe="tiny", image_size=32, epochs=2, batch_size=4, eval_batch_size=8, max_images=24),
 }

@@ -32,6 +32,7 @@ from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier,
 from braintumor_flax.models.forward import Forward, pad_rows, padded_chunks
 from braintumor_flax.models.params import lower_blocks_digest, weights_digest
 from braintumor_flax.models.pretrained import assign_vgg16, load_imagenet_vgg16
+from braintumor_flax.models.shared_trunk import build_shared_trunk
 from braintumor_flax.paths import cache_dir
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.steps import Model, StepSettings, TrainState, eval_step, make_optimizer, train_step
@@ -120,23 +121,35 @@ class StageTrainer:
                 bar.set_postfix(loss=f"{float(loss):.4f}", acc=f"{float(np.mean(accs[-10:])):.3f}")
         return {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))}
 
-    def predict_logits(self, data: StageData) -> np.ndarray:
-        """Deterministic logits over fixed-size (padded) batches, a multiple of the device count."""
+    def predict_logits(self, data: StageData) -> Any:
+        """Deterministic logits over fixed-size (padded) batches, a multiple of the device count (the shared-trunk
+        model: a (view, tumour) pair)."""
         n_dev = jax.local_device_count()
         batch_size = max(n_dev, self.config.eval_batch_size - self.config.eval_batch_size % n_dev)
         parts = []
         for start, rows, padded in padded_chunks(len(data), batch_size):
             x = jnp.asarray(pad_rows(data.inputs, start, rows, padded))
             extra = None if data.extra is None else jnp.asarray(pad_rows(data.extra, start, rows, padded))
-            parts.append(np.asarray(eval_step(self.state, x, extra))[:rows])
+            parts.append(jax.tree.map(lambda a, r=rows: np.asarray(a)[:r], eval_step(self.state, x, extra)))
         if not parts:
             raise ValueError("nothing to predict")
-        return np.concatenate(parts)
+        return jax.tree.map(lambda *p: np.concatenate(p), *parts)
 
     def evaluate(self, data: StageData) -> dict[str, float]:
+        """Validation loss and accuracy (the shared-trunk model: of the tumour head, plus the view head's)."""
         logits = self.predict_logits(data)
-        loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(data.labels))
-        return {"loss": float(loss.mean()), "accuracy": float((logits.argmax(-1) == data.labels).mean())}
+        if not self.state.settings.multitask:
+            return _loss_and_accuracy(logits, data.labels)
+        view, tumor = (_loss_and_accuracy(lg, data.labels[:, i]) for i, lg in enumerate(logits))
+        return {**tumor, "view_loss": view["loss"], "view_accuracy": view["accuracy"]}
+
+
+def _loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    known = labels >= 0
+    if not known.any():
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    loss = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits[known]), jnp.asarray(labels[known]))
+    return {"loss": float(loss.mean()), "accuracy": float((logits[known].argmax(-1) == labels[known]).mean())}
 
 
 def name_seed(text: str) -> int:
@@ -204,6 +217,7 @@ def fit_stage(trainer: StageTrainer, train: StageData, val: StageData, state_pat
     a saved state made from anything else is stale and training of this stage restarts from scratch.
     """
     start_epoch, history = 0, []
+    best: tuple[float, int, Any] | None = None  # (val accuracy, epoch, params) with config.keep_best
     if resume and state_path.with_suffix(".npz").is_file():
         saved = json.loads(state_path.with_suffix(".json").read_text()).get("depends_on")
         if saved == depends_on:
@@ -221,6 +235,15 @@ def fit_stage(trainer: StageTrainer, train: StageData, val: StageData, state_pat
         log(f"{trainer.name} epoch {epoch + 1}/{trainer.config.epochs}: " + ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "epoch"))
         trainer.save_state(state_path, epoch + 1, history, depends_on)
+        score = val_stats.get("accuracy", float("nan"))
+        if trainer.config.keep_best and score == score and (best is None or score > best[0]):
+            best = (score, epoch + 1, trainer.state.params)
+    if best is not None and best[1] != trainer.config.epochs:
+        # Model selection on validation only (never a test set): the weights of the best epoch are kept.
+        trainer.state = trainer.state.replace(params=best[2])
+        log(f"{trainer.name}: kept epoch {best[1]} (validation accuracy {best[0]:.4f})")
+    if best is not None:
+        history.append({"kept_epoch": best[1], "val_accuracy": best[0]})
     return history
 
 
@@ -247,6 +270,18 @@ def _cap(split: Split, limit: int | None) -> Split:
     return split if limit is None or len(split) <= limit else split.subset(np.arange(limit))
 
 
+def _training_record(config: TrainConfig, data: PreparedData, history: dict[str, Any],
+                     timings: dict[str, float]) -> TrainingRecord:
+    counts = {name: len(split) for name, split in data.splits.items()}
+    return TrainingRecord(
+        recipe=config.recipe, config=config.to_dict(), dataset_hash=data.dataset_hash,
+        data_summary=f"split sizes after deduplication {counts}", history=history,
+        timings_s={k: round(v, 1) for k, v in timings.items()},
+        machine=f"{platform.machine()} {platform.processor() or ''} ×{jax.local_device_count()} "
+                f"{jax.devices()[0].platform}".strip(),
+        jax_version=jax.__version__)
+
+
 def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: str | Path, *,
                    resume: bool = False, weights_source: str | Path | None = None,
                    data: PreparedData | None = None, log: Callable[[str], None] = print,
@@ -263,6 +298,10 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     if data is None:
         data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
     timings["data_s"] = time.perf_counter() - t0
+    if config.model == "shared_trunk":
+        if view_from is not None:
+            raise ValueError("--view-from applies to the two-stage model only")
+        return train_shared_trunk(config, data, run_dir, resume=resume, weights_source=weights_source, log=log)
     train_split, val_split = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
     view_model, tumor_model = build_models(config, weights_source)
     from_lower = config.lower_features_cacheable
@@ -322,17 +361,42 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
                                       batch_size=config.eval_batch_size)
     np.savez(run_dir / "val_outputs.npz", view_logits=view_val_logits, view_labels=stage1_val.labels,
              tumor_logits=tumor_trainer.predict_logits(stage2_val), tumor_labels=stage2_val.labels)
-    counts = {name: len(split) for name, split in data.splits.items()}
-    record = TrainingRecord(
-        recipe=config.recipe, config=config.to_dict(), dataset_hash=data.dataset_hash,
-        data_summary=f"split sizes after deduplication {counts}",
-        history={"view": view_history, "tumor": tumor_history},
-        timings_s={k: round(v, 1) for k, v in timings.items()},
-        machine=f"{platform.machine()} {platform.processor() or ''} ×{jax.local_device_count()} "
-                f"{jax.devices()[0].platform}".strip(),
-        jax_version=jax.__version__)
+    record = _training_record(config, data, {"view": view_history, "tumor": tumor_history}, timings)
     (run_dir / "training_log.json").write_text(json.dumps(record.to_dict(), indent=1))
     # Bit-identical lower blocks (frozen ImageNet or shared random ones) let the trunk's lower part run once.
     shared = lower_blocks_digest(view_model) == lower_blocks_digest(tumor_model)
     return BrainTumorPipeline(view_model, tumor_model, info=CheckpointInfo(training=record, shared_lower_blocks=shared))
 
+
+
+def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *, resume: bool = False,
+                       weights_source: str | Path | None = None, log: Callable[[str], None] = print
+                       ) -> BrainTumorPipeline:
+    """One trunk, both heads, trained together (view loss masked where the plane is unknown)."""
+    t0 = time.perf_counter()
+    train_split, val_split = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
+    view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor)
+    model = build_shared_trunk(view_config, use_view_feature=config.use_view_feature, seed=config.seed)
+    if config.pretrained:
+        assign_vgg16(model.view.vgg, load_imagenet_vgg16(weights_source))
+    from_lower = config.lower_features_cacheable
+    if from_lower:
+        train_x = lower_features(model.view, train_split, batch_size=config.eval_batch_size)
+        val_x = lower_features(model.view, val_split, batch_size=config.eval_batch_size)
+    else:
+        train_x, val_x = train_split.images, val_split.images
+    train_data = StageData(train_x, np.stack([train_split.plane, train_split.tumor], axis=1))
+    val_data = StageData(val_x, np.stack([val_split.plane, val_split.tumor], axis=1))
+    log(f"shared trunk: {len(train_data)} train / {len(val_data)} val images, recipe {config.recipe}")
+    trainer = StageTrainer(model, config, from_lower=from_lower, steps_per_epoch=max(1, len(train_data) //
+                                                                                     config.batch_size), name="shared")
+    history = fit_stage(trainer, train_data, val_data, run_dir / "shared_state", resume, log,
+                        depends_on=digest(_resume_key(config), data.dataset_hash, "shared"))
+    model = trainer.model()
+    view_logits, tumor_logits = trainer.predict_logits(val_data)
+    np.savez(run_dir / "val_outputs.npz", view_logits=view_logits, view_labels=val_split.plane,
+             tumor_logits=tumor_logits, tumor_labels=val_split.tumor)
+    record = _training_record(config, data, {"shared": history}, {"total_s": time.perf_counter() - t0})
+    (run_dir / "training_log.json").write_text(json.dumps(record.to_dict(), indent=1))
+    info = CheckpointInfo(training=record, shared_lower_blocks=True, shared_trunk=True)
+    return BrainTumorPipeline(model.view, model.tumor, info=info)

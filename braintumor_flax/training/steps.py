@@ -17,12 +17,13 @@ import optax
 from flax import nnx, struct
 
 from braintumor_flax.models import TumorClassifier, ViewClassifier
+from braintumor_flax.models.shared_trunk import SharedTrunkClassifier
 from braintumor_flax.models.vgg16 import VGG16_BLOCKS
-from braintumor_flax.training.augment import augment_batch
+from braintumor_flax.training.augment import PixelAugment, augment_batch, augment_pixels
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.xla import cpu_jit
 
-Model = ViewClassifier | TumorClassifier
+Model = ViewClassifier | TumorClassifier | SharedTrunkClassifier
 
 
 def frozen_layer_names(frozen_blocks: int) -> set[str]:
@@ -60,10 +61,16 @@ class StepSettings:
     vflip: bool = False
     zoom: float = 0.0
     label_smoothing: float = 0.0
+    pixel_augment: PixelAugment | None = None  # pixel inputs only: the source-robustness augmentation
+    # The shared-trunk model: labels are [B, 2] (plane, tumour), -1 = unknown, masked out of its loss.
+    multitask: bool = False
 
     @classmethod
     def of(cls, config: TrainConfig, *, from_lower: bool) -> StepSettings:
-        return cls(from_lower, config.hflip, config.vflip, config.zoom, config.label_smoothing)
+        pixel = PixelAugment(hflip=config.hflip, vflip=config.vflip) if config.pixel_augment and not from_lower \
+            else None
+        return cls(from_lower, config.hflip, config.vflip, config.zoom, config.label_smoothing, pixel,
+                   config.model == "shared_trunk")
 
 
 @struct.dataclass
@@ -87,7 +94,10 @@ class TrainState:
 
 def logits_of(model: Model, x: jax.Array, extra: jax.Array | None, *, from_lower: bool, train: bool,
               key: jax.Array | None) -> jax.Array:
-    """Logits of one model from pixels or from cached lower-block features (`extra`: the view feature)."""
+    """Logits of one model from pixels or from cached lower-block features (`extra`: the view feature).
+    The shared-trunk model returns (view logits, tumour logits)."""
+    if isinstance(model, SharedTrunkClassifier):
+        return (model.from_lower if from_lower else model)(x, train=train, key=key)
     if isinstance(model, ViewClassifier):
         fn = model.from_lower if from_lower else model
         return fn(x, train=train, key=key)[0]
@@ -102,12 +112,26 @@ def _loss(params: nnx.State, state: TrainState, x: jax.Array, extra: jax.Array |
     s = state.settings
     aug_key, drop_key = jax.random.split(key)
     x = x.astype(jnp.float32)
-    if s.hflip or s.vflip or s.zoom > 0:
+    if s.pixel_augment is not None:
+        x = augment_pixels(aug_key, x, s.pixel_augment)
+    elif s.hflip or s.vflip or s.zoom > 0:
         x = augment_batch(aug_key, x, hflip=s.hflip, vflip=s.vflip, zoom=s.zoom)
     logits = logits_of(model, x, extra, from_lower=s.from_lower, train=True, key=drop_key)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), s.label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    return loss, (logits.argmax(-1) == labels).mean()
+    if s.multitask:
+        (view_loss, _), (tumor_loss, tumor_acc) = (masked_loss(lg, labels[:, i], s.label_smoothing)
+                                                   for i, lg in enumerate(logits))
+        return view_loss + tumor_loss, tumor_acc
+    return masked_loss(logits, labels, s.label_smoothing)
+
+
+def masked_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """Mean (smoothed) cross-entropy and accuracy over the rows whose label is known (>= 0)."""
+    known = labels >= 0
+    safe = jnp.where(known, labels, 0)
+    targets = optax.smooth_labels(jax.nn.one_hot(safe, logits.shape[-1]), label_smoothing)
+    n = jnp.maximum(known.sum(), 1)
+    loss = jnp.where(known, optax.softmax_cross_entropy(logits, targets), 0.0).sum() / n
+    return loss, jnp.where(known, logits.argmax(-1) == safe, False).sum() / n
 
 
 @cpu_jit
