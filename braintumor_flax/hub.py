@@ -94,6 +94,23 @@ def checkpoint_folder(source: str | Path, **download_kwargs: Any) -> Path:
     return Path(snapshot_download(repo_id=str(source), allow_patterns=HUB_FILES, **download_kwargs))
 
 
+def models_from_params(config: dict[str, Any], shared: dict[str, np.ndarray],
+                       per_task: dict[str, dict[str, np.ndarray]]) -> dict[str, nnx.Module]:
+    """Both models of a checkpoint config, filled with named parameters (float32 for the CPU).
+
+    Built shape-only: random initialisers would cost seconds per model and be overwritten at once;
+    load_flat_params fills every parameter or refuses the checkpoint.
+    """
+    models = {}
+    for task in TASKS:
+        model_config = ModelConfig.from_dict(config["models"][task])
+        model = nnx.eval_shape(lambda cfg=model_config: build_model(cfg))
+        params = {**shared, **per_task[task]}
+        load_flat_params(model, {k: v.astype(np.float32) for k, v in params.items()})
+        models[task] = model
+    return models
+
+
 class BrainTumorPipeline(
     ModelHubMixin,
     library_name="braintumor-flax",
@@ -191,14 +208,7 @@ class BrainTumorPipeline(
         if config.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{folder} was written by a newer braintumor-flax; upgrade to load it")
         shared = load_file(str(folder / SHARED_FILE)) if (folder / SHARED_FILE).is_file() else {}
-        models = {}
-        for task in TASKS:
-            model_config = ModelConfig.from_dict(config["models"][task])
-            # Shapes only: random initialisers would cost seconds per model and be overwritten at once;
-            # load_flat_params fills every parameter or refuses the checkpoint.
-            model = nnx.eval_shape(lambda cfg=model_config: build_model(cfg))
-            params = {**shared, **load_file(str(folder / task / "model.safetensors"))}
-            load_flat_params(model, {k: v.astype(np.float32) for k, v in params.items()})
-            models[task] = model
+        models = models_from_params(config, shared, {task: load_file(str(folder / task / "model.safetensors"))
+                                                     for task in TASKS})
         return cls(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config),
                    metrics=_read_json(folder / "metrics.json"))

@@ -15,39 +15,23 @@ import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from braintumor_flax.data import dedup
 from braintumor_flax.data.imagecache import CACHE_VERSION, ImageCache
+from braintumor_flax.data.splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION, PreparedData, Record, Split
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES, normalize_plane, normalize_tumor
 from braintumor_flax.paths import default_data_dir
+
+__all__ = ["DEFAULT_SEED", "DEFAULT_VAL_FRACTION", "PreparedData", "Record", "Split", "discover", "prepare"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 _SPLIT_DIRS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 # brisc2025_<split>_<index>_<tumor>_<plane>_<sequence>
 _BRISC_NAME = re.compile(r"^brisc2025_(train|test)_(\d+)_([a-z]+)_([a-z]+)_([a-z0-9]+)$", re.IGNORECASE)
 PIPELINE_VERSION = 1  # part of dataset_hash: bump when split/dedup rules change
-
-
-# The validation split's size and the seed of its stratified draw (also training's seed by default): a
-# checkpoint records both, so evaluation re-creates exactly the split training held out.
-DEFAULT_VAL_FRACTION = 0.2
-DEFAULT_SEED = 0
-
-@dataclass(frozen=True)
-class Record:
-    path: Path
-    dataset: str  # "brisc2025" | "kaggle" | "folder"
-    split: str  # "train" | "test" | "predict"
-    tumor: str | None
-    plane: str | None
-
-
-# ---------------------------------------------------------------------------------------------
-# discovery
 
 
 def _images_under(d: Path) -> list[Path]:
@@ -136,35 +120,6 @@ def discover(root: str | Path) -> list[Record]:
 
 # ---------------------------------------------------------------------------------------------
 # splits
-
-
-@dataclass(frozen=True)
-class Split:
-    name: str
-    images: np.ndarray  # uint8 [N, S, S, 3]
-    tumor: np.ndarray  # int32 [N], index into TUMOR_CLASSES, -1 unknown
-    plane: np.ndarray  # int32 [N], index into PLANES, -1 unknown
-    dataset: np.ndarray  # str [N]
-    paths: list[str]  # relative to the data directory
-    content_hash: list[str]  # sha1 of the file bytes
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, mask: np.ndarray) -> Split:
-        """Rows selected by a boolean mask or an index array."""
-        idx = np.arange(len(self))[np.asarray(mask)]
-        return Split(self.name, self.images[idx], self.tumor[idx], self.plane[idx], self.dataset[idx],
-                     [self.paths[i] for i in idx], [self.content_hash[i] for i in idx])
-
-
-@dataclass
-class PreparedData:
-    splits: dict[str, Split]
-    report: dict
-    dataset_hash: str
-    image_size: int = 128
-    records: list[Record] = field(default_factory=list, repr=False)
 
 
 def _stratified_val(keys: list[tuple], val_fraction: float, seed: int) -> np.ndarray:

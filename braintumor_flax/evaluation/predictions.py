@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor_flax.data.datasets import Split
+from braintumor_flax.data.splits import Split
 from braintumor_flax.hub import BrainTumorPipeline, checkpoint_folder
 from braintumor_flax.models.forward import Forward
 from braintumor_flax.models.params import lower_blocks_digest

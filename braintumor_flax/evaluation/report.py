@@ -13,7 +13,7 @@ import numpy as np
 
 from braintumor_flax import calibration
 from braintumor_flax.checkpoint_info import Calibration
-from braintumor_flax.data.datasets import Split
+from braintumor_flax.data.splits import Split
 from braintumor_flax.evaluation import plots
 from braintumor_flax.hub import BrainTumorPipeline, write_config
 from braintumor_flax.reports.tables import TEST_SET_NAMES, num, with_ci

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 from braintumor_flax.checkpoint_info import TrainingRecord
-from braintumor_flax.data.datasets import DEFAULT_SEED, DEFAULT_VAL_FRACTION
+from braintumor_flax.data.splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from braintumor_flax.calibration import fit_model_temperatures
 from braintumor_flax.checkpoint_info import Calibration, CheckpointInfo
-from braintumor_flax.data.datasets import PreparedData, prepare
+from braintumor_flax.data.splits import PreparedData
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.models.forward import Forward
 from braintumor_flax.ood import fit_ood, pool_lower
@@ -57,6 +57,8 @@ def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData) -> Check
 
 def prepare_training_data(pipeline: BrainTumorPipeline, data_dir: str | Path | None) -> PreparedData:
     """The data split exactly as the checkpoint's training split it (its validation fraction and seed)."""
+    from braintumor_flax.data.datasets import prepare  # needs the dedup libraries; training.gpu does not import it
+
     config = TrainConfig.from_record(pipeline.info.training)
     data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, val_fraction=config.val_fraction,
                    seed=config.seed)

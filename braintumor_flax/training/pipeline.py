@@ -26,7 +26,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from braintumor_flax.checkpoint_info import CheckpointInfo, TrainingRecord
-from braintumor_flax.data.datasets import PreparedData, Split, prepare
+from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
 from braintumor_flax.models.forward import Forward, pad_rows, padded_chunks
@@ -296,6 +296,10 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if data is None:
+        # Imported here: dataset preparation needs the deduplication libraries, which a GPU machine running
+        # packed splits (training.gpu) does not have.
+        from braintumor_flax.data.datasets import prepare
+
         data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
     timings["data_s"] = time.perf_counter() - t0
     if config.model == "shared_trunk":
@@ -374,6 +378,8 @@ def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *
                        ) -> BrainTumorPipeline:
     """One trunk, both heads, trained together (view loss masked where the plane is unknown)."""
     t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     train_split, val_split = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
     view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor)
     model = build_shared_trunk(view_config, use_view_feature=config.use_view_feature, seed=config.seed)

@@ -43,8 +43,9 @@ def trainable_filter(frozen_blocks: int) -> Callable[[tuple, Any], bool]:
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     total = max(1, config.epochs * steps_per_epoch)
     if config.schedule == "warmup_cosine":
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), total)
+        # At least one step of each phase, also when a short run has fewer steps than the warm-up asks for.
+        warmup = min(max(int(config.warmup_epochs * steps_per_epoch), 1), max(total - 1, 1))
+        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total, warmup + 1))
     else:
         lr = config.learning_rate
     if config.weight_decay > 0:

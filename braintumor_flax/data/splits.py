@@ -1,0 +1,55 @@
+"""What a prepared dataset is: records, splits and their defaults, without the machinery that makes them.
+
+Light on purpose (numpy only): the GPU training command reads packed splits into these on a machine that has
+none of the deduplication libraries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# The validation split's size and the seed of its stratified draw (also training's seed by default): a
+# checkpoint records both, so evaluation re-creates exactly the split training held out.
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    dataset: str  # "brisc2025" | "kaggle" | "folder"
+    split: str  # "train" | "test" | "predict"
+    tumor: str | None
+    plane: str | None
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    tumor: np.ndarray  # int32 [N], index into TUMOR_CLASSES, -1 unknown
+    plane: np.ndarray  # int32 [N], index into PLANES, -1 unknown
+    dataset: np.ndarray  # str [N]
+    paths: list[str]  # relative to the data directory
+    content_hash: list[str]  # sha1 of the file bytes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, mask: np.ndarray) -> Split:
+        """Rows selected by a boolean mask or an index array."""
+        idx = np.arange(len(self))[np.asarray(mask)]
+        return Split(self.name, self.images[idx], self.tumor[idx], self.plane[idx], self.dataset[idx],
+                     [self.paths[i] for i in idx], [self.content_hash[i] for i in idx])
+
+
+@dataclass
+class PreparedData:
+    splits: dict[str, Split]
+    report: dict
+    dataset_hash: str
+    image_size: int = 128
+    records: list[Record] = field(default_factory=list, repr=False)

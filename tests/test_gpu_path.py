@@ -1,0 +1,64 @@
+"""The GPU path end to end on CPU with a tiny configuration: pack → run every recipe → shards → checkpoint.
+
+The commands are the ones a lent GPU machine runs (training/gpu.py); only the recipe sizes are overridden.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from braintumor_flax.serve.predictor import Predictor
+from braintumor_flax.training import gpu
+from braintumor_flax.training.config import RECIPES
+
+SIZE = 32
+TINY = {"image_size": SIZE, "width_divisor": 16, "pretrained": False, "epochs": 1, "batch_size": 8,
+        "eval_batch_size": 8}
+
+
+def test_pack_run_unpack(tmp_path, tmp_cache):
+    from test_training_steps import _split
+
+    from braintumor_flax.data.splits import PreparedData
+
+    data = PreparedData({"train": _split("train", 48, 0), "val": _split("val", 16, 1)}, report={},
+                        dataset_hash="generated-1", image_size=SIZE)
+    manifest = gpu.write_pack(data, tmp_path / "pack", size=SIZE)
+    assert manifest["splits"]["train"]["n"] == 48 and manifest["total_bytes"] < 200_000
+    back = gpu.read_pack(tmp_path / "pack", image_size=SIZE)
+    assert back.splits["val"].images.shape == (16, SIZE, SIZE, 3)
+    # Grey WebP at quality 80: the first channel comes back close (these noisy test images are a hard case).
+    error = np.abs(back.splits["val"].images[..., 0].astype(int) - data.splits["val"].images[..., 0].astype(int))
+    assert error.mean() < 8
+    np.testing.assert_array_equal(back.splits["train"].tumor, data.splits["train"].tumor)
+
+    recipes = ["shared-finetune-128", "shared-frozen4"]
+    assert all(r in RECIPES for r in recipes)
+    out = tmp_path / "OUT"
+    report = gpu.run(tmp_path / "pack", recipes, out, budget_s=600, overrides=TINY, log=lambda _: None)
+    assert set(report["recipes"]) == set(recipes) and report["best"] in recipes
+    returned = [p for p in out.iterdir() if p.is_file()]
+    assert len(returned) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in returned)
+    log = json.loads((out / "gpu_log.json").read_text())
+    assert all("validation" in log["recipes"][r] for r in recipes)
+
+    pipeline = gpu.import_weights(out)
+    assert pipeline.info.calibration.fitted_on_validation and pipeline.info.ood is not None
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    predictor = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8)
+    probs = predictor.predict_arrays(back.splits["val"].images).tumor_probs
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_shards_respect_the_size_limit(tmp_path, tiny_pipeline_factory):
+    pipeline = tiny_pipeline_factory(image_size=SIZE, seed=5)
+    paths = gpu.export_weights(pipeline, tmp_path, shard_bytes=6 * 2**20)  # VGG16 in float16: ~29 MB
+    assert len(paths) > 1 and all(p.stat().st_size <= 6 * 2**20 + 4096 for p in paths)
+    again = gpu.import_weights(tmp_path)
+    x = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    # float16 storage: the logits move by the rounding of the weights only
+    a = Predictor(pipeline, batch_size=4).predict_arrays(x).tumor_logits
+    b = Predictor(again, batch_size=4).predict_arrays(x).tumor_logits
+    np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2)
