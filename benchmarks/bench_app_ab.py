@@ -11,6 +11,7 @@ computes at a time. Reported: median / p90 per endpoint and the ratio B / A of t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,14 @@ from gradio_client import Client, handle_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_app import EXAMPLES, ROOT, App, _stats  # noqa: E402
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_B_over_A_median": {e: round(statistics.median(times["B_this"][e])
                                            / statistics.median(times["A_baseline"][e]), 3)
                                   for e in ("/predict", "/analyze")},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
                     "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
     }
     out = Path(args.out)
