@@ -9,6 +9,7 @@ Bad input raises `gr.Error` with a message for the user; the server carries on.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 
 from braintumor_flax import batch
 from braintumor_flax.imageio import ImageDecodeError
+from braintumor_flax.limits import RequestBudget
 from braintumor_flax.paths import PROJECT_ROOT
 from braintumor_flax.service import PLANE_NAMES, TUMOR_NAMES, BrainTumorService, SliceResult
 
@@ -43,6 +45,9 @@ CREDIT = (
 )
 NOT_ASSESSED = "Not assessed: this does not look like a brain MRI slice"
 CSS = "#notice {border: 2px solid #d97706; border-radius: 8px; padding: 4px 12px; background: #fffbeb;}"
+
+
+log = logging.getLogger(__name__)
 
 
 def _user_error(message: str, title: str = "Cannot analyse this input") -> gr.Error:
@@ -85,7 +90,13 @@ class AppFunctions:
         try:
             rgb = self.service.decode(path)
         except ImageDecodeError as exc:
-            raise _user_error(batch._strip_source(str(exc)), "Cannot read this image") from None
+            raise _user_error(exc.reason, "Cannot read this image") from None
+        except MemoryError:
+            raise _user_error("image too large to decode in memory", "Cannot read this image") from None
+        except Exception:  # never Gradio's generic error page for an upload; the log keeps the details
+            log.exception("unexpected error decoding an upload")
+            raise _user_error("this file could not be decoded (unexpected internal error; reported in the server "
+                              "log)", "Cannot read this image") from None
         return self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
 
     def analyze(self, image: Any) -> tuple[Any, Any, np.ndarray | None, str]:
@@ -120,7 +131,9 @@ class AppFunctions:
             raise _user_error(str(exc), "Batch too large") from None
         if not items:
             raise _user_error("the upload holds no images (empty archive?)")
-        return self.service.analyze_many(batch.decode_items(items, self.service.decode))
+        budget = RequestBudget()  # one pixel budget for the whole request; each item shrunk once decoded
+        return self.service.analyze_many(batch.decode_items(
+            items, lambda source: self.service.prepare(source, budget=budget)))
 
     def predict_batch(self, files: Any) -> dict[str, Any]:
         """API /predict_batch: files and/or .zip archives → JSON with one result per image and counts."""
