@@ -107,7 +107,10 @@ def _zip_members(data: bytes | Path, label: str, budget: list[int]) -> Iterator[
             # Names made on Windows use backslashes ("..\\..\\x.png"): its base name is "x.png".
             path = info.filename.replace("\\", "/")
             base = path.rstrip("/").rsplit("/", 1)[-1]
-            if info.is_dir() or path.endswith("/"):
+            if not path:
+                yield BatchItem(inner, error="archive member without a name; skipped", counted=False)
+                continue
+            if path.endswith("/"):
                 continue  # folders are not images anyone sent
             if path.startswith("__MACOSX/") or "/__MACOSX/" in path:
                 continue  # the metadata folder macOS adds to every archive it makes (documented)
@@ -164,7 +167,10 @@ def collect(files: list[tuple[str, str | Path | bytes]]) -> list[BatchItem]:
                 continue
         if _is_zip(head):
             # Open the upload in place (zipfile seeks): the archive is never loaded whole into memory.
-            items.extend(_zip_members(source if isinstance(source, bytes) else Path(source), label, budget))
+            try:
+                items.extend(_zip_members(source if isinstance(source, bytes) else Path(source), label, budget))
+            except Exception as exc:  # noqa: BLE001 - members read so far keep their rows; the rest is one row
+                items.append(BatchItem(label, error=f"archive could not be read further ({type(exc).__name__})"))
         elif isinstance(source, bytes):
             items.append(BatchItem(label, data=source))
         else:
