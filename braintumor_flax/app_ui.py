@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from braintumor_flax import batch
+from braintumor_flax import batch, request_limits
 from braintumor_flax.imageio import ImageDecodeError
 from braintumor_flax.limits import RequestBudget
 from braintumor_flax.paths import PROJECT_ROOT
@@ -132,8 +133,9 @@ class AppFunctions:
         if not items:
             raise _user_error("the upload holds no images (empty archive?)")
         budget = RequestBudget()  # one pixel budget for the whole request; each item shrunk once decoded
+        deadline = time.monotonic() + request_limits.REQUEST_TIME_LIMIT_S
         return self.service.analyze_many(batch.decode_items(
-            items, lambda source: self.service.prepare(source, budget=budget)))
+            items, lambda source: self.service.prepare(source, budget=budget), deadline=deadline))
 
     def predict_batch(self, files: Any) -> dict[str, Any]:
         """API /predict_batch: files and/or .zip archives → JSON with one result per image and counts."""
@@ -224,6 +226,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
         trigger.click(fns.predict_batch, inputs=[api_files], outputs=[api_batch_out], api_name="predict_batch",
                       api_description="Image files and/or .zip archives → one JSON result per image + counts.",
                       **shared)
+    request_limits.refuse_url_inputs([image, files, api_file, api_files])
     return demo
 
 
@@ -251,10 +254,16 @@ Labels are `null` when the image does not look like a brain MRI slice (`"ood": t
 
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     """Queue for a 2-vCPU Space: bounded waiting line, a small worker pool (see CONCURRENCY)."""
-    return demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+    request_limits.limit_per_client(demo._queue)  # at most MAX_EVENTS_PER_CLIENT of the places per client
+    return demo
 
 
 def launch_kwargs() -> dict[str, Any]:
     """Gradio 6 takes app-level settings (css, theme) in launch(). show_error stays off: our own messages
-    are gr.Error (always shown); anything unexpected is reported generically, without server details."""
-    return {"max_file_size": MAX_UPLOAD, "css": CSS}
+    are gr.Error (always shown); anything unexpected is reported generically, without server details.
+    run_history off: Gradio would otherwise keep every uploaded scan in the browser's run history."""
+    from starlette.middleware import Middleware
+
+    return {"max_file_size": MAX_UPLOAD, "css": CSS, "run_history": False,
+            "app_kwargs": {"middleware": [Middleware(request_limits.UploadSizeLimit)]}}

@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import tempfile
+import time
 import unicodedata
 import zipfile
 from collections import Counter
@@ -181,13 +182,19 @@ def collect(files: list[tuple[str, str | Path | bytes]]) -> list[BatchItem]:
     return items
 
 
-def decode_items(items: list[BatchItem], decode: Callable[[Any], Any]) -> list[tuple[str, Any]]:
+def decode_items(items: list[BatchItem], decode: Callable[[Any], Any], *,
+                 deadline: float | None = None) -> list[tuple[str, Any]]:
     """Decode each item with `decode` (path or bytes → RGB or a prepared model input); a failure, of any
-    kind, becomes that row's error message and the rest of the batch carries on."""
+    kind, becomes that row's error message and the rest of the batch carries on. Past `deadline`
+    (time.monotonic()), the remaining images are not decoded and their rows say so."""
     out: list[tuple[str, Any]] = []
     for item in items:
         if item.error is not None:
             out.append((item.name, item.error))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            out.append((item.name, "not analysed: the request reached its time limit; send this image again "
+                                   "in a smaller batch"))
             continue
         source = item.data if item.data is not None else item.path
         item.data = None  # the member's bytes are not needed once decoded

@@ -146,6 +146,20 @@ def check_zip(data: bytes, *, max_pixels: int) -> str:
     return "ok" if any(isinstance(v, np.ndarray) for _, v in rows) else "error"
 
 
+def case_bytes(kind: str, seed: int, case: int, pool: dict[str, list[bytes]] | None = None) -> bytes:
+    """The input of one case (deterministic: reproduce any failure from its kind, seed and number)."""
+    files = (pool or seeds())[kind]
+    rng = np.random.default_rng([seed, case])
+    data = mutate(files[int(rng.integers(0, len(files)))], rng)
+    if kind == "png" and rng.random() < 0.5:
+        data = fix_png_crcs(data)
+    return data
+
+
+# Cases that made the pre-hardening decoder (main 0d244ca) raise TypeError / SyntaxError out of Pillow.
+ESCAPED_BEFORE = {"TypeError": ("tiff", 1, 26), "SyntaxError": ("tiff", 1, 7)}
+
+
 def run(cases: int, seed: int = 0, *, max_pixels: int = 1 << 20,
         on_case: Callable[[str, int, bytes], None] | None = None) -> Counter:
     """Run `cases` mutated inputs spread evenly over every kind; returns outcome counts per kind.
@@ -158,11 +172,7 @@ def run(cases: int, seed: int = 0, *, max_pixels: int = 1 << 20,
     counts: Counter = Counter()
     for case in range(cases):
         kind = kinds[case % len(kinds)]
-        rng = np.random.default_rng([seed, case])
-        files = pool[kind]
-        data = mutate(files[int(rng.integers(0, len(files)))], rng)
-        if kind == "png" and rng.random() < 0.5:
-            data = fix_png_crcs(data)
+        data = case_bytes(kind, seed, case, pool)
         if on_case is not None:
             on_case(kind, case, data)
         try:
