@@ -193,3 +193,19 @@ def test_batch_budget_refuses_images_on_their_rows(monkeypatch):
     out = batch.decode_items(items, lambda s: decode_image(s, admit=budget.admit))
     assert [isinstance(v, np.ndarray) for _, v in out] == [True, True, False]
     assert "decoding budget" in out[2][1]
+
+
+def test_batch_past_its_time_limit_reports_the_rest_on_their_rows():
+    import time
+
+    items = [batch.BatchItem(str(i), data=_jpeg()) for i in range(3)]
+    calls = []
+
+    def slow_decode(source):
+        calls.append(1)
+        return decode_image(source)
+
+    out = batch.decode_items(items, slow_decode, deadline=time.monotonic() - 1)
+    assert calls == [] and all("time limit" in v for _, v in out)
+    assert all(isinstance(v, np.ndarray) for _, v in batch.decode_items(items[:1], decode_image,
+                                                                       deadline=time.monotonic() + 60))
