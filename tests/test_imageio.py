@@ -386,3 +386,22 @@ def test_admit_sees_the_header_before_decoding():
     assert seen == [(300, 200)]
     assert decode_image(encode(Image.new("L", (3, 2)), "PNG"), admit=lambda w, h: contextlib.nullcontext()).shape \
         == (2, 3, 3)
+
+
+def test_tall_thin_images_use_exact_sparse_weights(monkeypatch):
+    from braintumor_flax import resize
+
+    rng = np.random.default_rng(11)
+    for _ in range(40):  # rows padded to > 4x their width: the sparse pass, byte for byte Pillow's
+        w = int(rng.integers(1, 30))
+        h = int(rng.integers(4 * w + 1, 4 * w + 900))
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for size in (128, 37, 600):  # down- and upsampling
+            np.testing.assert_array_equal(to_model_input(rgb, size), _reference_model_input(rgb, size), f"{h}x{w}")
+    # CPU bounded by the real pixels: PIL never resamples anything wider than the model input here.
+    sizes = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: (sizes.append(self.size), real(self, *a, **k))[1])
+    assert to_model_input(np.full((65_000, 1, 3), 9, np.uint8), 128).shape == (128, 128, 3)
+    assert sizes == [(128, 65_000)]  # only the vertical pass, on the 128-px-wide intermediate
+    assert resize.SPARSE_ASPECT == 4
