@@ -2,9 +2,9 @@
 PNG, JPEG, TIFF, GIF, BMP, WebP and zip inputs. Counts the documented outcomes (an image, or
 ImageDecodeError / error rows / BatchError) and everything else that came out.
 
-The pixel limit only decides which headers are refused before decoding; with the server's own limit
-(--max-pixels 16777216) mutated headers that declare large images make each case ~40x slower on this
-machine (decoding up to 16 Mpx of garbage), so the default is the CI slice's 1 Mpx.
+The pixel limit only decides which headers are refused before decoding. The default is the CI slice's
+1 Mpx; with the server's own limit (--max-pixels 16777216, `fuzz_server_limit.json`) mutated headers
+that declare large images decode more garbage, so cases are about 3x slower on average.
 
     python benchmarks/bench_fuzz.py [--cases 100000] [--seed 1] [--max-pixels 1048576]
 """
