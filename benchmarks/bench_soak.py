@@ -240,7 +240,9 @@ class Caller:
                 if kind == "missing_upload":
                     up = httpx.post(self.server.url + "gradio_api/upload", headers=self.headers, timeout=30,
                                     files={"files": ("gone.jpg", EXAMPLES[0].read_bytes(), "image/jpeg")}).json()
-                    Path(up[0]).unlink()
+                    # Gradio stores uploads by content hash: clients sending the same bytes share one file,
+                    # so another client may have deleted it already (the request is still a missing file).
+                    Path(up[0]).unlink(missing_ok=True)
                     payload = {"path": up[0], "meta": {"_type": "gradio.FileData"}}
                 else:
                     payload = {"path": "https://127.0.0.1/x.png", "meta": {"_type": "gradio.FileData"}}
