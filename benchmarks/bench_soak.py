@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import ssl
 import statistics
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         result["server_alive_at_end"] = server.process.poll() is None
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # inputs (a 21 MB file, zips) and the server's uploads
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "description": "2-core Intel Xeon (AVX-512), 24 GiB, shared with other jobs",
                          "loadavg_start": loadavg_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
