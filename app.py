@@ -43,6 +43,11 @@ def main() -> None:
           f"UI {time.perf_counter() - t_compile:.1f} s)", flush=True)
     # The batch path compiles while the server already answers single images.
     threading.Thread(target=service.warm_up_batch, name="warm-up-batch", daemon=True).start()
+    from gradio.utils import get_upload_folder
+
+    from braintumor_flax.serve.request_limits import TempSweeper
+
+    TempSweeper(get_upload_folder()).start()  # uploads bounded in total size too, not only by age
     # On a Space GRADIO_SERVER_NAME=0.0.0.0 is set for us; locally we stay on loopback.
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), **launch_kwargs())
 

@@ -48,11 +48,12 @@ def test_zip_members_read_in_memory_and_never_extracted(tmp_path, monkeypatch):
     assert not (tmp_path.parent.parent / "escape.jpg").exists()
     names = [i.name for i in items]
     assert names == ["upload.zip/scans/a.jpg", "upload.zip/../../escape.jpg", "upload.zip//abs/b.jpg",
-                     "upload.zip/inner.zip"]
-    assert [i.error is None for i in items] == [True, True, True, False]
-    assert "inside archives" in items[3].error
+                     "upload.zip/.hidden.jpg", "upload.zip/inner.zip"]
+    assert [i.error is None for i in items] == [True, True, True, False, False]
+    assert "hidden file" in items[3].error and not items[3].counted  # a row, not silently dropped
+    assert "inside archives" in items[4].error
     decoded = batch.decode_items(items, decode_image)
-    assert [isinstance(v, np.ndarray) for _, v in decoded] == [True, True, True, False]
+    assert [isinstance(v, np.ndarray) for _, v in decoded] == [True, True, True, False, False]
 
 
 def test_zip_bomb_stopped_by_member_and_total_limits(monkeypatch):
@@ -119,3 +120,92 @@ def test_counts_and_csv_defuse_formulas(tmp_path):
     assert rows[1][0].startswith("'=")  # not a live formula in a spreadsheet
     assert rows[2][1] == "not_mri" and rows[2][2] == "" and rows[3][-1] == "corrupt"
     assert len(batch.table_rows(results)) == 3
+
+
+def test_zip_with_too_many_entries_is_refused_from_its_end_record(monkeypatch):
+    monkeypatch.setattr(batch, "MAX_ZIP_ENTRIES", 50)
+    parsed = []
+    real = zipfile.ZipFile._RealGetContents
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: (parsed.append(1), real(self))[1])
+    many = _zip({f"{i}.jpg": b"x" for i in range(51)}, compression=zipfile.ZIP_STORED)
+    items = batch.collect([("many.zip", many)])
+    assert len(items) == 1 and "lists 51 entries; at most 50" in items[0].error
+    assert parsed == []  # the directory was never parsed
+    # An end record that understates the count is caught by the directory's size and by the parsed count.
+    data = bytearray(many)
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8:end + 12] = (10).to_bytes(2, "little") * 2
+    items = batch.collect([("liar.zip", bytes(data))])
+    assert len(items) == 1 and "more than 50 entries" in items[0].error
+    monkeypatch.setattr(batch, "MAX_ZIP_DIRECTORY_BYTES", 1000)
+    items = batch.collect([("liar.zip", bytes(data))])
+    assert len(items) == 1 and "directory is" in items[0].error
+
+
+def test_windows_and_dotted_member_names_get_rows():
+    items = batch.collect([("w.zip", _zip({"..\\..\\x.jpg": _jpeg(), ".DS_Store": b"\x00\x01", "a/.b.jpg": _jpeg(),
+                                           "__MACOSX/a/._x.jpg": b"junk"}))])
+    assert [(i.name, i.error is None) for i in items] == [
+        ("w.zip/../../x.jpg", True), ("w.zip/.DS_Store", False), ("w.zip/a/.b.jpg", False)]
+    assert all("hidden file" in i.error for i in items[1:])
+
+
+def test_hidden_rows_do_not_count_towards_the_image_limit(monkeypatch):
+    monkeypatch.setattr(batch, "MAX_BATCH_IMAGES", 2)
+    items = batch.collect([("a.zip", _zip({"1.jpg": _jpeg(), "2.jpg": _jpeg(), ".x": b"", ".y": b""}))])
+    assert len(items) == 4
+
+
+def test_one_bad_item_never_aborts_the_batch():
+    items = [batch.BatchItem("a", data=_jpeg()), batch.BatchItem("b", data=b"boom"), batch.BatchItem("c", data=_jpeg())]
+
+    def decode(source):
+        if source == b"boom":
+            raise KeyError("an unexpected decoder bug")
+        return decode_image(source)
+
+    out = batch.decode_items(items, decode)
+    assert [isinstance(v, np.ndarray) for _, v in out] == [True, False, True]
+    assert "unexpected internal error" in out[1][1] and "KeyError" not in out[1][1]
+
+
+def test_shape_reasons_and_request_budget():
+    from braintumor_flax.data import limits
+
+    assert limits.shape_reasons(512, 512) == [] and limits.shape_reasons(256, 130) == []
+    elongated = limits.shape_reasons(1, 20_000)[0]  # (also tiny: a second reason)
+    assert "20000 x 1 px" in elongated and "aspect ratio of 20,000.0:1" in elongated
+    assert limits.shape_reasons(300, 1000)[0].endswith("(at most 3:1 here)")
+    assert any("only 40 x 40 px" in r for r in limits.shape_reasons(40, 40))
+    budget = limits.RequestBudget(1000)
+    with budget.admit(20, 30):
+        pass
+    with pytest.raises(limits.BudgetError, match="decoding budget"), budget.admit(20, 30):
+        pass
+    assert budget.left == 400
+
+
+def test_batch_budget_refuses_images_on_their_rows(monkeypatch):
+    from braintumor_flax.data import limits
+
+    budget = limits.RequestBudget(32 * 32 * 2)
+    items = [batch.BatchItem(str(i), data=_jpeg()) for i in range(3)]
+    out = batch.decode_items(items, lambda s: decode_image(s, admit=budget.admit))
+    assert [isinstance(v, np.ndarray) for _, v in out] == [True, True, False]
+    assert "decoding budget" in out[2][1]
+
+
+def test_batch_past_its_time_limit_reports_the_rest_on_their_rows():
+    import time
+
+    items = [batch.BatchItem(str(i), data=_jpeg()) for i in range(3)]
+    calls = []
+
+    def slow_decode(source):
+        calls.append(1)
+        return decode_image(source)
+
+    out = batch.decode_items(items, slow_decode, deadline=time.monotonic() - 1)
+    assert calls == [] and all("time limit" in v for _, v in out)
+    assert all(isinstance(v, np.ndarray) for _, v in batch.decode_items(items[:1], decode_image,
+                                                                       deadline=time.monotonic() + 60))

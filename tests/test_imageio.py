@@ -275,3 +275,133 @@ def test_real_files_decode(real_data_dir):
               next((real_data_dir / "kaggle-brain-tumor-mri/Testing/notumor").glob("*.jpg"))]:
         out = decode_image(p)
         assert out.ndim == 3 and out.shape[2] == 3 and max(out.shape[:2]) <= 256 and out.max() > 0
+
+
+# ---- bounded memory, bit-identical --------------------------------------------------------
+
+
+def _reference_model_input(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The pre-hardening implementation: pad to the full square, then one PIL resize."""
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    square = np.zeros((side, side, 3), np.uint8)
+    square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = rgb
+    if side == size:
+        return square
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def test_to_model_input_is_bit_identical_to_pad_then_resize(monkeypatch):
+    from braintumor_flax.data import resize
+
+    monkeypatch.setattr(resize, "STRIP_BYTES", 4096)  # many strips even for small images
+    rng = np.random.default_rng(7)
+    shapes = [(int(rng.integers(1, 400)), int(rng.integers(1, 400))) for _ in range(60)]
+    shapes += [(1, 3000), (3000, 1), (128, 300), (300, 128), (128, 128), (77, 77), (130, 256), (256, 130)]
+    for h, w in shapes:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for size in (128, 64):
+            np.testing.assert_array_equal(to_model_input(rgb, size), _reference_model_input(rgb, size), f"{h}x{w}")
+
+
+def test_long_thin_image_costs_little():
+    # 300 x 60,000: the old pad-to-square step allocated 60,000² x 3 bytes (10.8 GB) here.
+    out = to_model_input(np.full((300, 60_000, 3), 255, np.uint8), 128)
+    assert out.shape == (128, 128, 3) and out[:60].max() == 0 and out[70:].max() == 0
+    assert out[63:65, 1:-1].min() > 50  # the band (300 / 469 of a row) split over the two middle rows
+
+
+def test_conversion_in_strips_gives_the_same_bytes(monkeypatch):
+    from braintumor_flax.data import imageio
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    images = [Image.fromarray(base), Image.fromarray(base[..., 0]), Image.fromarray(np.dstack([base, base[..., :1]])),
+              Image.fromarray(base).convert("CMYK"), Image.fromarray(base[..., 0].astype(np.uint16) * 250 + 3),
+              Image.fromarray(rng.normal(size=(61, 47)).astype(np.float32)),
+              Image.fromarray(base).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)]
+    whole = [decode_image(encode(im, "TIFF")) for im in images]
+    monkeypatch.setattr(imageio, "STRIP_PIXELS", 100)  # 2 rows per strip
+    for im, expected in zip(images, whole, strict=True):
+        np.testing.assert_array_equal(decode_image(encode(im, "TIFF")), expected, im.mode)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pillow_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    rgb = np.random.default_rng(orientation).integers(0, 256, (9, 14, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(rgb), "PNG", exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(data), expected)
+
+
+def test_longer_side_limit_from_the_header():
+    with pytest.raises(ImageDecodeError, match="longer side may be at most 1,000 px"):
+        decode_image(png_header(1001, 1), max_side=1000)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX", "EPS"])
+def test_formats_outside_the_allowlist_are_refused(fmt):
+    if fmt == "EPS":
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"  # never handed to Ghostscript
+    else:
+        data = encode(Image.new("RGB", (8, 8), (1, 2, 3)), fmt)
+    with pytest.raises(ImageDecodeError, match="not a recognised image format .accepted: JPEG, PNG"):
+        decode_image(data)
+
+
+def test_missing_file_message_names_no_folder(tmp_path):
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(tmp_path / "sub" / "nope.jpg")
+    assert str(tmp_path) not in str(info.value) and info.value.reason.startswith("file not found")
+    assert str(info.value).startswith("nope.jpg: ")
+
+
+def test_any_pillow_exception_becomes_a_decode_error(monkeypatch):
+    # Crafted TIFFs make Pillow raise TypeError / KeyError / SyntaxError in odd places; simulate each stage.
+    data = encode(Image.new("L", (8, 8), 5), "TIFF")
+    for stage, exc in (("load", TypeError("bad tag")), ("load", KeyError(273)), ("convert", AssertionError())):
+        def boom(self, *args, _exc=exc, **kwargs):
+            raise _exc
+        with monkeypatch.context() as m:
+            m.setattr(Image.Image if stage == "convert" else type(Image.open(io.BytesIO(data))), stage, boom)
+            with pytest.raises(ImageDecodeError, match=type(exc).__name__):
+                decode_image(data)
+
+
+def test_admit_sees_the_header_before_decoding():
+    import contextlib
+
+    seen = []
+
+    def admit(w, h):
+        seen.append((w, h))
+        raise ImageDecodeError("budget spent", "budget spent")
+
+    with pytest.raises(ImageDecodeError, match="budget spent"):
+        decode_image(png_header(300, 200), admit=admit)  # no pixel data at all: load() was never reached
+    assert seen == [(300, 200)]
+    assert decode_image(encode(Image.new("L", (3, 2)), "PNG"), admit=lambda w, h: contextlib.nullcontext()).shape \
+        == (2, 3, 3)
+
+
+def test_tall_thin_images_use_exact_sparse_weights(monkeypatch):
+    from braintumor_flax.data import resize
+
+    rng = np.random.default_rng(11)
+    for _ in range(40):  # rows padded to > 4x their width: the sparse pass, byte for byte Pillow's
+        w = int(rng.integers(1, 30))
+        h = int(rng.integers(4 * w + 1, 4 * w + 900))
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for size in (128, 37, 600):  # down- and upsampling
+            np.testing.assert_array_equal(to_model_input(rgb, size), _reference_model_input(rgb, size), f"{h}x{w}")
+    # CPU bounded by the real pixels: PIL never resamples anything wider than the model input here.
+    sizes = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: (sizes.append(self.size), real(self, *a, **k))[1])
+    assert to_model_input(np.full((65_000, 1, 3), 9, np.uint8), 128).shape == (128, 128, 3)
+    assert sizes == [(128, 65_000)]  # only the vertical pass, on the 128-px-wide intermediate
+    assert resize.SPARSE_ASPECT == 4

@@ -10,9 +10,11 @@ Bad input raises `gr.Error` with a message for the user; the server carries on.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ import numpy as np
 
 from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError
+from braintumor_flax.data.limits import RequestBudget
 from braintumor_flax.paths import PROJECT_ROOT
+from braintumor_flax.serve import request_limits
 from braintumor_flax.serve import uploads as batch
 from braintumor_flax.serve.service import PLANE_NAMES, TUMOR_NAMES, BrainTumorService, SliceResult
 from braintumor_flax.serve.volume_ui import VolumeFunctions, build_volume_tab, register_volume_api
@@ -46,6 +50,9 @@ CREDIT = (
 )
 NOT_ASSESSED = "Not assessed: this does not look like a brain MRI slice"
 CSS = "#notice {border: 2px solid #d97706; border-radius: 8px; padding: 4px 12px; background: #fffbeb;}"
+
+
+log = logging.getLogger(__name__)
 
 
 def _user_error(message: str, title: str = "Cannot analyse this input") -> gr.Error:
@@ -92,7 +99,13 @@ class AppFunctions:
             else:
                 rgb = self.service.decode(path)
         except ImageDecodeError as exc:
-            raise _user_error(batch._strip_source(str(exc)), "Cannot read this image") from None
+            raise _user_error(exc.reason, "Cannot read this image") from None
+        except MemoryError:
+            raise _user_error("image too large to decode in memory", "Cannot read this image") from None
+        except Exception:  # never Gradio's generic error page for an upload; the log keeps the details
+            log.exception("unexpected error decoding an upload")
+            raise _user_error("this file could not be decoded (unexpected internal error; reported in the server "
+                              "log)", "Cannot read this image") from None
         result = self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
         result.header_plane = header_plane
         return result
@@ -132,7 +145,10 @@ class AppFunctions:
             raise _user_error(str(exc), "Batch too large") from None
         if not items:
             raise _user_error("the upload holds no images (empty archive?)")
-        return self.service.analyze_many(batch.decode_items(items, self.service.decode))
+        budget = RequestBudget()  # one pixel budget for the whole request; each item shrunk once decoded
+        deadline = time.monotonic() + request_limits.REQUEST_TIME_LIMIT_S
+        return self.service.analyze_many(batch.decode_items(
+            items, lambda source: self.service.prepare(source, budget=budget), deadline=deadline))
 
     def predict_batch(self, files: Any) -> dict[str, Any]:
         """API /predict_batch: files and/or .zip archives → JSON with one result per image and counts."""
@@ -226,6 +242,7 @@ def build_demo(service: BrainTumorService, *, examples: list[str] | None = None)
         trigger.click(fns.predict_batch, inputs=[api_files], outputs=[api_batch_out], api_name="predict_batch",
                       api_description="Image files and/or .zip archives → one JSON result per image + counts.",
                       **shared)
+    request_limits.refuse_url_inputs([image, files, api_file, api_files])
     return demo
 
 
@@ -255,10 +272,16 @@ Labels are `null` when the image does not look like a brain MRI slice (`"ood": t
 
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     """Queue for a 2-vCPU Space: bounded waiting line, a small worker pool (see CONCURRENCY)."""
-    return demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+    request_limits.limit_per_client(demo._queue)  # at most MAX_EVENTS_PER_CLIENT of the places per client
+    return demo
 
 
 def launch_kwargs() -> dict[str, Any]:
     """Gradio 6 takes app-level settings (css, theme) in launch(). show_error stays off: our own messages
-    are gr.Error (always shown); anything unexpected is reported generically, without server details."""
-    return {"max_file_size": MAX_UPLOAD, "css": CSS}
+    are gr.Error (always shown); anything unexpected is reported generically, without server details.
+    run_history off: Gradio would otherwise keep every uploaded scan in the browser's run history."""
+    from starlette.middleware import Middleware
+
+    return {"max_file_size": MAX_UPLOAD, "css": CSS, "run_history": False,
+            "app_kwargs": {"middleware": [Middleware(request_limits.UploadSizeLimit)]}}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from braintumor_flax.data.resize import resize_rgb
+
 
 def _jet_lut() -> np.ndarray:
     """256x3 uint8 'jet'-like colour table (blue → cyan → yellow → red), no matplotlib import at serve time."""
@@ -42,8 +44,8 @@ def _fit(rgb: np.ndarray, max_side: int) -> np.ndarray:
     scale = max_side / max(h, w)
     if scale >= 1:
         return rgb
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+    # Strip by strip (same bytes as one PIL call): a full-size PIL copy of a large upload would cost 4 B/px.
+    return resize_rgb(rgb, max(1, round(w * scale)), max(1, round(h * scale)))
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:

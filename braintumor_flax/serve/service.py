@@ -20,14 +20,14 @@ from PIL import Image
 from braintumor_flax import __version__
 from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
+from braintumor_flax.data.limits import MAX_IMAGE_BYTES, MAX_PIXELS, MAX_SIDE, RequestBudget, shape_reasons
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.models.params import weights_digest
 from braintumor_flax.ood import OODDetector, OODResult
 from braintumor_flax.serve.overlay import gradcam_overlay
 from braintumor_flax.serve.predictor import Prediction, Predictor, resolve_model_source
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image file (a 16-bit 4k x 4k scan fits); uploads above are refused
-MAX_PIXELS = 40_000_000  # decoded size limit, checked from the header before any pixel is decoded
+__all__ = ["MAX_IMAGE_BYTES", "MAX_PIXELS", "BrainTumorService", "Prepared", "SliceResult"]
 
 PLANE_NAMES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
 TUMOR_NAMES = {"glioma": "Glioma", "meningioma": "Meningioma", "no_tumor": "No tumour", "pituitary": "Pituitary tumour"}
@@ -108,6 +108,14 @@ class SliceResult:
         return out
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A decoded image already shrunk to the model input (the full-size pixels are gone) + its original shape."""
+
+    x: np.ndarray  # uint8 size x size x 3
+    shape: tuple[int, int]  # original (height, width)
+
+
 class BrainTumorService:
     def __init__(self, predictor: Predictor, *, source: str | Path | None = None, max_pixels: int = MAX_PIXELS,
                  max_bytes: int = MAX_IMAGE_BYTES):
@@ -146,8 +154,11 @@ class BrainTumorService:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def decode(self, source: ImageSource) -> np.ndarray:
-        """Path or bytes → uint8 RGB, or ImageDecodeError with a message fit for the user."""
+    def decode(self, source: ImageSource, *, budget: RequestBudget | None = None) -> np.ndarray:
+        """Path or bytes → uint8 RGB, or ImageDecodeError with a message fit for the user.
+
+        Size, shape and the request's pixel budget are checked from the header, before decoding.
+        """
         if isinstance(source, str | Path):
             path = Path(source)
             if path.is_file() and path.stat().st_size > self.max_bytes:
@@ -157,17 +168,23 @@ class BrainTumorService:
             raise ImageDecodeError(f"file is {len(source) / 2**20:.1f} MB; the limit is "
                                    f"{self.max_bytes / 2**20:.0f} MB per image")
         if not isinstance(source, Image.Image) and medical.is_dicom(source):
-            # Issue 14: a single-slice DICOM (by content, any name) decodes like a picture, windowed.
+            # A single-slice DICOM (by content, any name) decodes like a picture, windowed (own limits).
             return medical.read_dicom_slice(source)[0]
-        return decode_image(source, max_pixels=self.max_pixels)
+        budget = budget if budget is not None else RequestBudget()
+        return decode_image(source, max_pixels=self.max_pixels, max_side=MAX_SIDE, admit=budget.admit)
+
+    def prepare(self, source: ImageSource, *, budget: RequestBudget | None = None) -> Prepared:
+        """Decode and shrink at once: a batch holds model inputs (49 KB each), never full-size images."""
+        rgb = self.decode(source, budget=budget)
+        return Prepared(to_model_input(rgb, self.predictor.image_size), (int(rgb.shape[0]), int(rgb.shape[1])))
 
     # -- analysis ---------------------------------------------------------------------------------
 
-    def _results(self, names: list[str], images: np.ndarray, prediction: Prediction, elapsed_ms: float
-                 ) -> list[SliceResult]:
+    def _results(self, names: list[str], images: np.ndarray, prediction: Prediction, elapsed_ms: float,
+                 shapes: list[tuple[int, int]]) -> list[SliceResult]:
         outputs = prediction.outputs
         features = outputs.lower_pooled if self.ood.feature == "lower_gap" else outputs.view_feature
-        oods = self.ood(features, images)
+        oods = [_with_shape(o, shape) for o, shape in zip(self.ood(features, images), shapes, strict=True)]
         return [
             SliceResult(name, dict(zip(PLANES, map(float, prediction.view_probs[i]), strict=True)),
                         dict(zip(TUMOR_CLASSES, map(float, prediction.tumor_probs[i]), strict=True)),
@@ -184,13 +201,14 @@ class BrainTumorService:
             # the small head costs little, a second compiled batch-1 forward would cost compile time and RAM.
             prediction = self.predictor.explain_arrays(x)
             elapsed = (time.perf_counter() - start) * 1000
-        result = self._results([name], x, prediction, elapsed)[0]
+        result = self._results([name], x, prediction, elapsed, [(int(rgb.shape[0]), int(rgb.shape[1]))])[0]
         if gradcam and not result.is_ood:
             result.overlay = gradcam_overlay(rgb, prediction.outputs.cam[0])
         return result
 
-    def analyze_many(self, items: list[tuple[str, np.ndarray | str]], *, gradcam: bool = False) -> list[SliceResult]:
-        """(name, decoded RGB or an error message) per input → one result per input, in order.
+    def analyze_many(self, items: list[tuple[str, Prepared | np.ndarray | str]], *, gradcam: bool = False
+                     ) -> list[SliceResult]:
+        """(name, prepared input, decoded RGB or an error message) per input → one result per input, in order.
 
         Good images run through the models in batches; a bad one only fills its own row. `gradcam`: also
         the overlay of each in-distribution image (the volume view shows one per slice).
@@ -204,15 +222,34 @@ class BrainTumorService:
         size = self.predictor.image_size
         for start in range(0, len(good), chunk):
             idx = good[start:start + chunk]
-            x = np.stack([to_model_input(items[i][1], size) for i in idx])  # type: ignore[arg-type]
+            x = np.stack([_model_input(items[i][1], size) for i in idx])  # type: ignore[arg-type]
+            shapes = [_shape(items[i][1]) for i in idx]  # type: ignore[arg-type]
             with self._lock:  # per chunk, so single-image requests interleave with a long batch
                 t0 = time.perf_counter()
                 # The explaining program also yields the OOD feature; a lone image reuses the single-image one.
                 prediction = self.predictor.explain_arrays(x)
                 elapsed = (time.perf_counter() - t0) * 1000
             names = [items[i][0] for i in idx]
-            for j, (i, result) in enumerate(zip(idx, self._results(names, x, prediction, elapsed), strict=True)):
-                if gradcam and not result.is_ood:
-                    result.overlay = gradcam_overlay(items[i][1], prediction.outputs.cam[j])  # type: ignore[arg-type]
+            for j, (i, result) in enumerate(zip(idx, self._results(names, x, prediction, elapsed, shapes),
+                                                strict=True)):
+                value = items[i][1]
+                if gradcam and not result.is_ood and isinstance(value, np.ndarray):  # the volume view's slices
+                    result.overlay = gradcam_overlay(value, prediction.outputs.cam[j])
                 results[i] = result
         return [r for r in results if r is not None]
+
+
+def _model_input(value: Prepared | np.ndarray, size: int) -> np.ndarray:
+    return value.x if isinstance(value, Prepared) else to_model_input(value, size)
+
+
+def _shape(value: Prepared | np.ndarray) -> tuple[int, int]:
+    return value.shape if isinstance(value, Prepared) else (int(value.shape[0]), int(value.shape[1]))
+
+
+def _with_shape(result: OODResult, shape: tuple[int, int]) -> OODResult:
+    """Flag shapes no slice has (very elongated, tiny), with a plain reason, whatever the features say."""
+    reasons = shape_reasons(*shape)
+    if not reasons:
+        return result
+    return dataclasses.replace(result, flag=True, reasons=[*result.reasons, *reasons])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
+import logging
 import tempfile
+import time
 import unicodedata
 import zipfile
 from collections import Counter
@@ -19,16 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from braintumor_flax.data.imageio import ImageDecodeError
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 
 MAX_BATCH_IMAGES = 200  # images per batch request (files + archive members)
+# Checked from the archive's end record before its directory is parsed: zipfile builds one ZipInfo per
+# entry (50,000 entries ≈ 0.6 s and 37 MB), so a huge directory is refused unread.
+MAX_ZIP_ENTRIES = 1000  # entries per archive (folders and metadata files included)
+MAX_ZIP_DIRECTORY_BYTES = 512 * 1024  # the central directory (an end record can understate the count)
 MAX_ZIP_MEMBER_BYTES = 20 * 1024 * 1024  # one image inside an archive
 MAX_ZIP_TOTAL_BYTES = 256 * 1024 * 1024  # everything read out of the archives of one request
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+
+
+log = logging.getLogger(__name__)
 
 
 class BatchError(ValueError):
@@ -41,6 +47,7 @@ class BatchItem:
     data: bytes | None = None  # archive members (read in memory)
     path: str | None = None  # an upload already on disk (Gradio's own cache file)
     error: str | None = None
+    counted: bool = True  # False: a notice row (hidden or metadata file), not an image the limit counts
 
 
 def display_name(name: str, limit: int = 120) -> str:
@@ -59,19 +66,58 @@ def _read_limited(member: zipfile.ZipExtFile, limit: int) -> bytes:
     return member.read(limit + 1)
 
 
+def _directory_problem(fp: io.BufferedIOBase | io.BytesIO) -> str | None:
+    """Why the archive's directory is not read (too many entries, too large), from its end record only."""
+    end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]  # stdlib helper; handles zip64 end records
+    if end is None:
+        return None  # not a zip: ZipFile says so below
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if entries > MAX_ZIP_ENTRIES:
+        return f"archive lists {entries:,} entries; at most {MAX_ZIP_ENTRIES:,} are read (split it)"
+    if size > MAX_ZIP_DIRECTORY_BYTES:
+        return (f"archive directory is {size / 2**10:,.0f} KB; at most {MAX_ZIP_DIRECTORY_BYTES / 2**10:,.0f} KB "
+                "is read (split the archive)")
+    return None
+
+
+def _open_archive(data: bytes | Path) -> tuple[zipfile.ZipFile | None, str | None]:
+    fp = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")  # noqa: SIM115 - ZipFile owns it
+    try:
+        problem = _directory_problem(fp)
+        if problem is None:
+            archive = zipfile.ZipFile(fp)
+            if len(archive.infolist()) <= MAX_ZIP_ENTRIES:
+                return archive, None
+            problem = f"archive has more than {MAX_ZIP_ENTRIES:,} entries (split it)"
+            archive.close()
+    except Exception as exc:  # noqa: BLE001 - a crafted directory can raise struct.error, IndexError ...
+        problem = f"not a readable zip archive ({type(exc).__name__}: {exc})"[:200]
+    fp.close()
+    return None, problem
+
+
 def _zip_members(data: bytes | Path, label: str, budget: list[int]) -> Iterator[BatchItem]:
     """Image members of one archive, in archive order; `budget` = [bytes left] shared by the request."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        yield BatchItem(label, error=f"not a readable zip archive ({exc})")
+    archive, problem = _open_archive(data)
+    if archive is None:
+        yield BatchItem(label, error=problem)
         return
     with archive:
         for info in archive.infolist():
             inner = f"{label}/{display_name(info.filename)}"
-            base = os.path.basename(info.filename.rstrip("/"))
-            if info.is_dir() or base.startswith(".") or "__MACOSX/" in info.filename:
-                continue  # folders and macOS/hidden metadata files are not images anyone sent
+            # Names made on Windows use backslashes ("..\\..\\x.png"): its base name is "x.png".
+            path = info.filename.replace("\\", "/")
+            base = path.rstrip("/").rsplit("/", 1)[-1]
+            if not path:
+                yield BatchItem(inner, error="archive member without a name; skipped", counted=False)
+                continue
+            if path.endswith("/"):
+                continue  # folders are not images anyone sent
+            if path.startswith("__MACOSX/") or "/__MACOSX/" in path:
+                continue  # the metadata folder macOS adds to every archive it makes (documented)
+            if base.startswith("."):
+                yield BatchItem(inner, error="hidden file (name starts with '.'); skipped", counted=False)
+                continue
             if Path(base).suffix.lower() == ".zip":
                 yield BatchItem(inner, error="archives inside archives are not opened")
                 continue
@@ -89,8 +135,8 @@ def _zip_members(data: bytes | Path, label: str, budget: list[int]) -> Iterator[
             try:
                 with archive.open(info) as member:
                     blob = _read_limited(member, min(MAX_ZIP_MEMBER_BYTES, budget[0]))
-            except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError, NotImplementedError) as exc:
-                yield BatchItem(inner, error=f"cannot read archive member ({exc})")
+            except Exception as exc:  # noqa: BLE001 - zlib.error, BadZipFile, NotImplementedError (method) ...
+                yield BatchItem(inner, error=f"cannot read archive member ({type(exc).__name__}: {exc})"[:200])
                 continue
             if len(blob) > min(MAX_ZIP_MEMBER_BYTES, budget[0]):
                 # The header understated the size: a bomb, or the request's total budget is spent.
@@ -122,29 +168,45 @@ def collect(files: list[tuple[str, str | Path | bytes]]) -> list[BatchItem]:
                 continue
         if _is_zip(head):
             # Open the upload in place (zipfile seeks): the archive is never loaded whole into memory.
-            items.extend(_zip_members(source if isinstance(source, bytes) else Path(source), label, budget))
+            try:
+                items.extend(_zip_members(source if isinstance(source, bytes) else Path(source), label, budget))
+            except Exception as exc:  # noqa: BLE001 - members read so far keep their rows; the rest is one row
+                items.append(BatchItem(label, error=f"archive could not be read further ({type(exc).__name__})"))
         elif isinstance(source, bytes):
             items.append(BatchItem(label, data=source))
         else:
             items.append(BatchItem(label, path=str(source)))
-        if len(items) > MAX_BATCH_IMAGES:
+        if sum(item.counted for item in items) > MAX_BATCH_IMAGES:
             raise BatchError(f"a batch may hold at most {MAX_BATCH_IMAGES} images; this one has more "
                              "(split it into several requests)")
     return items
 
 
-def decode_items(items: list[BatchItem], decode: Callable[[Any], np.ndarray]) -> list[tuple[str, np.ndarray | str]]:
-    """Decode each item with `decode` (path or bytes → RGB); a failure becomes that row's error message."""
-    out: list[tuple[str, np.ndarray | str]] = []
+def decode_items(items: list[BatchItem], decode: Callable[[Any], Any], *,
+                 deadline: float | None = None) -> list[tuple[str, Any]]:
+    """Decode each item with `decode` (path or bytes → RGB or a prepared model input); a failure, of any
+    kind, becomes that row's error message and the rest of the batch carries on. Past `deadline`
+    (time.monotonic()), the remaining images are not decoded and their rows say so."""
+    out: list[tuple[str, Any]] = []
     for item in items:
         if item.error is not None:
             out.append((item.name, item.error))
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            out.append((item.name, "not analysed: the request reached its time limit; send this image again "
+                                   "in a smaller batch"))
+            continue
         source = item.data if item.data is not None else item.path
+        item.data = None  # the member's bytes are not needed once decoded
         try:
             out.append((item.name, decode(source)))
         except ImageDecodeError as exc:
-            out.append((item.name, _strip_source(str(exc))))
+            out.append((item.name, exc.reason))
+        except MemoryError:
+            out.append((item.name, "image too large to decode in memory"))
+        except Exception:  # noqa: BLE001 - one bad item must not abort the batch; the log keeps the details
+            log.exception("unexpected error decoding a batch item")
+            out.append((item.name, "could not be decoded (unexpected internal error; reported in the server log)"))
     return out
 
 
