@@ -324,6 +324,7 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     stage1_train = StageData(train_x[has_plane], train_split.plane[has_plane])
     stage1_val = StageData(val_x[val_has_plane], val_split.plane[val_has_plane])
     log(f"stage 1 (view): {len(stage1_train)} train / {len(stage1_val)} val images, recipe {config.recipe}")
+    view_trainer: StageTrainer | None = None
     if view_from is not None:
         view_model = BrainTumorPipeline.from_pretrained(view_from).view_model
         if view_model.config.image_size != config.image_size:
@@ -361,8 +362,11 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     timings["stage2_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
-    view_val_logits, _ = view_outputs(view_model, stage1_val.inputs, from_lower=from_lower,
-                                      batch_size=config.eval_batch_size)
+    if view_trainer is not None:  # its eval program is compiled already
+        view_val_logits = view_trainer.predict_logits(stage1_val)
+    else:
+        view_val_logits, _ = view_outputs(view_model, stage1_val.inputs, from_lower=from_lower,
+                                          batch_size=config.eval_batch_size)
     np.savez(run_dir / "val_outputs.npz", view_logits=view_val_logits, view_labels=stage1_val.labels,
              tumor_logits=tumor_trainer.predict_logits(stage2_val), tumor_labels=stage2_val.labels)
     record = _training_record(config, data, {"view": view_history, "tumor": tumor_history}, timings)
