@@ -56,6 +56,11 @@ def _webp(grey: np.ndarray, size: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def _utf8(values) -> np.ndarray:
+    """Strings as UTF-8 bytes: numpy's str arrays take 4 bytes a character, and the pack must travel."""
+    return np.char.encode(np.asarray(values, str), "utf-8")
+
+
 def write_pack(data: PreparedData, out: str | Path, *, size: int, quality: int = 80,
                weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Train and validation splits as grey WebP blobs in one .npz per split, the ImageNet VGG16 convolutions
@@ -72,8 +77,8 @@ def write_pack(data: PreparedData, out: str | Path, *, size: int, quality: int =
         blobs = [_webp(np.ascontiguousarray(image[..., 0]), size, quality) for image in split.images]
         offsets = np.cumsum([0, *map(len, blobs)]).astype(np.int64)
         np.savez(out / f"{name}.npz", blob=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets,
-                 tumor=split.tumor, plane=split.plane, dataset=np.asarray(split.dataset, str),
-                 paths=np.asarray(split.paths, str), content_hash=np.asarray(split.content_hash, str))
+                 tumor=split.tumor, plane=split.plane, dataset=_utf8(split.dataset), paths=_utf8(split.paths),
+                 content_hash=_utf8(split.content_hash))
         manifest["splits"][name] = {"n": len(split), "bytes": int(offsets[-1])}
     manifest["total_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -96,8 +101,9 @@ def read_pack(folder: str | Path, *, image_size: int) -> PreparedData:
                 if grey.size != (image_size, image_size):
                     grey = grey.resize((image_size, image_size), Image.Resampling.BILINEAR)
                 images[i] = np.asarray(grey)[..., None]
-            splits[name] = Split(name, images, z["tumor"], z["plane"], z["dataset"], z["paths"].tolist(),
-                                 z["content_hash"].tolist())
+            splits[name] = Split(name, images, z["tumor"], z["plane"], np.char.decode(z["dataset"], "utf-8"),
+                                 np.char.decode(z["paths"], "utf-8").tolist(),
+                                 np.char.decode(z["content_hash"], "utf-8").tolist())
     return PreparedData(splits, report={"pack": manifest}, dataset_hash=manifest["dataset_hash"],
                         image_size=image_size)
 
