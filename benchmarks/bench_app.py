@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import shutil
 import socket
 import ssl
@@ -40,6 +38,9 @@ from gradio_client import Client, handle_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import machine, write_json  # noqa: E402
 
 from braintumor_flax.labels import normalize_tumor  # noqa: E402
 
@@ -210,12 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):  # already stopped on the normal path
             app.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "loadavg_start": loadavg_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result["machine"] = machine(loadavg_start)
+    write_json(args.out, result)
     return 0
 
 

@@ -11,10 +11,6 @@ computes at a time. Reported: median / p90 per endpoint and the ratio B / A of t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import platform
 import ssl
 import statistics
 import sys
@@ -28,14 +24,7 @@ from gradio_client import Client, handle_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_app import EXAMPLES, ROOT, App, _stats  # noqa: E402
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from bench_common import machine, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,13 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_B_over_A_median": {e: round(statistics.median(times["B_this"][e])
                                            / statistics.median(times["A_baseline"][e]), 3)
                                   for e in ("/predict", "/analyze")},
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
-                    "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return 0
 
 

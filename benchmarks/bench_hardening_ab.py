@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import shutil
 import ssl
 import statistics
@@ -31,6 +29,9 @@ from gradio_client import Client, handle_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import machine, write_json  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fuzz_inputs  # noqa: E402
@@ -115,13 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers.values():
             s.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "description": "2-core Intel Xeon (AVX-512), 24 GiB, shared with other jobs",
-                         "loadavg_start": loadavg_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result["machine"] = machine(loadavg_start)
+    write_json(args.out, result)
     return 0
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -47,6 +45,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import machine, write_json  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 import fuzz_inputs  # noqa: E402
@@ -434,13 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)  # inputs (a 21 MB file, zips) and the server's uploads
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "description": "2-core Intel Xeon (AVX-512), 24 GiB, shared with other jobs",
-                         "loadavg_start": loadavg_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result["machine"] = machine(loadavg_start)
+    write_json(args.out, result)
     return 0
 
 
