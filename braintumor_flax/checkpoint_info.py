@@ -12,6 +12,12 @@ from typing import Any
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 
 
+def _known_fields(kind: type, values: dict[str, Any] | None) -> dict[str, Any]:
+    """The entries of `values` that are fields of the dataclass `kind` (others, e.g. fit diagnostics, dropped)."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    return {k: v for k, v in (values or {}).items() if k in names}
+
+
 @dataclasses.dataclass
 class Calibration:
     """Softmax temperatures (Guo et al., 2017), fitted on the validation split; 1.0 = raw softmax."""
@@ -27,6 +33,11 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Calibration:
+        """From config.json's `calibration`, or from a fit's result (its diagnostics are not stored)."""
+        return cls(**_known_fields(cls, values))
 
 
 @dataclasses.dataclass
@@ -84,15 +95,12 @@ class CheckpointInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
-        def pick(kind: type, values: dict[str, Any] | None) -> Any:
-            names = {f.name for f in dataclasses.fields(kind)}
-            return kind(**{k: v for k, v in (values or {}).items() if k in names})
-
         default = cls()
         return cls(
-            calibration=pick(Calibration, data.get("calibration")),
+            calibration=Calibration.from_dict(data.get("calibration")),
             ood=data.get("ood"),
-            training=pick(TrainingRecord, data["training"]) if data.get("training") else None,
+            training=TrainingRecord(**_known_fields(TrainingRecord, data["training"]))
+            if data.get("training") else None,
             shared_lower_blocks=bool(data.get("shared_lower_blocks", False)),
             shared_trunk=bool(data.get("shared_trunk", False)),
             class_names=data.get("class_names", default.class_names),

@@ -108,9 +108,7 @@ def write_to_checkpoint(folder: str | Path, pipeline: BrainTumorPipeline, calibr
     prediction cache stays valid and a half-precision checkpoint is not re-saved as float32.
     """
     folder = Path(folder)
-    pipeline.info.calibration = Calibration(**{k: calibration_info[k] for k in
-                                               ("view_temperature", "tumor_temperature", "fitted_on", "method")
-                                               if k in calibration_info})
+    pipeline.info.calibration = Calibration.from_dict(calibration_info)
     pipeline.metrics = json_safe(checkpoint_metrics(results))
     write_config(folder, pipeline.config_dict())
     _write_json(folder / "metrics.json", pipeline.metrics)

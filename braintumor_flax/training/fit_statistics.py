@@ -34,7 +34,7 @@ def fit_calibration(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_s
     else:
         out = forward(val.images)
     fitted = fit_model_temperatures(out.view_logits, val.plane, out.tumor_logits, val.tumor)
-    return Calibration(**{k: fitted[k] for k in ("view_temperature", "tumor_temperature", "fitted_on", "method")})
+    return Calibration.from_dict(fitted)
 
 
 def fit_ood_statistics(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> dict:
