@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from braintumor_flax.calibration import fit_model_temperatures
 from braintumor_flax.checkpoint_info import Calibration, CheckpointInfo
 from braintumor_flax.data.splits import PreparedData
@@ -25,33 +27,40 @@ from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.pipeline import lower_features
 
 
-def fit_calibration(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> Calibration:
-    """Temperatures of both models on the validation split."""
+def fit_calibration(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64,
+                    val_lower: np.ndarray | None = None) -> Calibration:
+    """Temperatures of both models on the validation split (`val_lower`: its lower-block outputs, if at hand)."""
     val = data.splits["val"]
     forward = Forward.from_pipeline(pipeline, batch_size=batch_size)
     if pipeline.shares_lower_blocks:  # the lower blocks' outputs are cached by training: only the heads run
-        out = forward(lower=lower_features(pipeline.view_model, val, batch_size=batch_size))
+        if val_lower is None:
+            val_lower = lower_features(pipeline.view_model, val, batch_size=batch_size)
+        out = forward(lower=val_lower)
     else:
         out = forward(val.images)
     fitted = fit_model_temperatures(out.view_logits, val.plane, out.tumor_logits, val.tumor)
     return Calibration.from_dict(fitted)
 
 
-def fit_ood_statistics(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> dict:
+def fit_ood_statistics(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64,
+                       val_lower: np.ndarray | None = None) -> dict:
     """OOD statistics on the pooled lower-block output (as the app measures it), limit on validation.
 
     That feature separated non-MRI images far better than the 128-d view feature (benchmarks/eval_ood.py).
     """
     train, val = data.splits["train"], data.splits["val"]
     train_lower = lower_features(pipeline.view_model, train, batch_size=batch_size)
-    val_lower = lower_features(pipeline.view_model, val, batch_size=batch_size)
+    if val_lower is None:
+        val_lower = lower_features(pipeline.view_model, val, batch_size=batch_size)
     return fit_ood(pool_lower(train_lower), None, calibration_features=pool_lower(val_lower), images=train.images)
 
 
-def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData) -> CheckpointInfo:
-    """Fit temperatures and OOD statistics into `pipeline.info` (what `save_pretrained` then writes)."""
-    pipeline.info.calibration = fit_calibration(pipeline, data)
-    pipeline.info.ood = fit_ood_statistics(pipeline, data)
+def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> CheckpointInfo:
+    """Fit temperatures and OOD statistics into `pipeline.info` (what `save_pretrained` then writes); the
+    validation split's lower-block outputs, which both fits read, are loaded once."""
+    val_lower = lower_features(pipeline.view_model, data.splits["val"], batch_size=batch_size)
+    pipeline.info.calibration = fit_calibration(pipeline, data, batch_size=batch_size, val_lower=val_lower)
+    pipeline.info.ood = fit_ood_statistics(pipeline, data, batch_size=batch_size, val_lower=val_lower)
     return pipeline.info
 
 
