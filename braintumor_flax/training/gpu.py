@@ -133,7 +133,6 @@ def export_weights(pipeline: BrainTumorPipeline, out: str | Path, *, dtype: str 
         path = out / SHARD_PATTERN.format(i)
         save_file(shard, str(path), metadata={"format": "braintumor-flax-gpu/1"})
         paths.append(path)
-    pipeline.info.shared_lower_blocks = pipeline.info.shared_lower_blocks or bool(shared)
     write_config(out, pipeline.config_dict())
     return paths
 
