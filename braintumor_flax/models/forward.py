@@ -211,8 +211,9 @@ class Forward:
             raise ValueError("Grad-CAM explains the tumour model, which this Forward does not hold")
         x = self._check(images) if images is not None else np.asarray(lower)
         n = len(x)
-        program = self._program(_Program(from_lower=lower is not None, want_view=want_view, explain=explain,
-                                          pooled=pooled, keep_lower=keep_lower and lower is None))
+        spec = _Program(from_lower=lower is not None, want_view=want_view, explain=explain, pooled=pooled,
+                        keep_lower=keep_lower and lower is None)  # the lower output is not returned back
+        program = self._program(spec)
         targets = np.full((n,), -1, np.int32) if target is None else np.asarray(target, np.int32)
         parts: list[dict[str, np.ndarray]] = []
         for start, rows, padded in padded_chunks(n, self.batch_size, lone_chunk_own_shape=self.lone_chunk_own_shape):
@@ -223,10 +224,9 @@ class Forward:
             parts.append({k: np.asarray(v)[:rows] for k, v in out.items()})
             if progress:
                 progress(start + rows, n)
-        return self._outputs(parts, n, want_view=want_view, explain=explain, pooled=pooled,
-                             keep_lower=keep_lower and lower is None)
+        return self._outputs(parts, n, spec)
 
-    def _outputs(self, parts: list[dict[str, np.ndarray]], n: int, **wanted: bool) -> Outputs:
+    def _outputs(self, parts: list[dict[str, np.ndarray]], n: int, spec: _Program) -> Outputs:
         side = self.image_size // 16
         empty = {"view_logits": (3,), "view_feature": (128,), "tumor_logits": (4,), "cam": (side, side),
                  "target": (), "lower_pooled": (self.channels,), "lower": self.lower_shape}
@@ -239,13 +239,13 @@ class Forward:
                 return np.zeros((0, *empty[key]), np.int32 if key == "target" else np.float32)
             return None
 
-        needs_view = wanted["want_view"] or self._tumor_uses_view
+        needs_view = spec.want_view or self._tumor_uses_view
         return Outputs(
             view_logits=get("view_logits") if self.has_view and needs_view else None,
             tumor_logits=get("tumor_logits") if self.has_tumor else None,
             view_feature=get("view_feature") if self.has_view and needs_view else None,
-            cam=get("cam") if wanted["explain"] else None,
-            target=get("target") if wanted["explain"] else None,
-            lower_pooled=get("lower_pooled") if wanted["pooled"] else None,
-            lower=get("lower") if wanted["keep_lower"] else None,
+            cam=get("cam") if spec.explain else None,
+            target=get("target") if spec.explain else None,
+            lower_pooled=get("lower_pooled") if spec.pooled else None,
+            lower=get("lower") if spec.keep_lower else None,
         )
