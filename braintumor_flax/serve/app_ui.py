@@ -4,7 +4,7 @@ Endpoints (all through the queue, callable with `gradio_client`):
   /predict        one image file → JSON (plane + probabilities, tumour + probabilities, OOD flag, model version)
   /predict_batch  image files and/or .zip archives → JSON (one result per image, per-class counts)
   /analyze        the single-slice view's own event: plane label, tumour label, Grad-CAM overlay, summary
-  /predict_volume DICOM file / series .zip / NIfTI → per-slice JSON + volume summary (medical/ui.py)
+  /predict_volume DICOM file / series .zip / NIfTI → per-slice JSON + volume summary (serve/volume_ui.py)
 Bad input raises `gr.Error` with a message for the user; the server carries on.
 """
 
@@ -22,7 +22,6 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError
 from braintumor_flax.data.limits import RequestBudget
 from braintumor_flax.paths import PROJECT_ROOT
@@ -92,12 +91,9 @@ class AppFunctions:
     # -- single image ------------------------------------------------------------------------------
 
     def _analyze_path(self, path: str, *, gradcam: bool) -> SliceResult:
-        header_plane = None
         try:
-            if medical.sniff(path) == "dicom":  # by content: a DICOM slice need not end in .dcm
-                rgb, header_plane, _ = medical.read_dicom_slice(path)
-            else:
-                rgb = self.service.decode(path)
+            # The service recognises a DICOM slice by content (it need not end in .dcm) and gives its plane.
+            rgb, header_plane = self.service.decode_slice(path)
         except ImageDecodeError as exc:
             raise _user_error(exc.reason, "Cannot read this image") from None
         except MemoryError:

@@ -159,6 +159,11 @@ class BrainTumorService:
 
         Size, shape and the request's pixel budget are checked from the header, before decoding.
         """
+        return self.decode_slice(source, budget=budget)[0]
+
+    def decode_slice(self, source: ImageSource, *, budget: RequestBudget | None = None
+                     ) -> tuple[np.ndarray, str | None]:
+        """`decode`, plus the plane a DICOM header states (None for a picture, or a header without one)."""
         if isinstance(source, str | Path):
             path = Path(source)
             if path.is_file() and path.stat().st_size > self.max_bytes:
@@ -169,9 +174,10 @@ class BrainTumorService:
                                    f"{self.max_bytes / 2**20:.0f} MB per image")
         if not isinstance(source, Image.Image) and medical.is_dicom(source):
             # A single-slice DICOM (by content, any name) decodes like a picture, windowed (own limits).
-            return medical.read_dicom_slice(source)[0]
+            rgb, header_plane, _ = medical.read_dicom_slice(source)
+            return rgb, header_plane
         budget = budget if budget is not None else RequestBudget()
-        return decode_image(source, max_pixels=self.max_pixels, max_side=MAX_SIDE, admit=budget.admit)
+        return decode_image(source, max_pixels=self.max_pixels, max_side=MAX_SIDE, admit=budget.admit), None
 
     def prepare(self, source: ImageSource, *, budget: RequestBudget | None = None) -> Prepared:
         """Decode and shrink at once: a batch holds model inputs (49 KB each), never full-size images."""
