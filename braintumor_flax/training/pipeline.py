@@ -270,6 +270,17 @@ def _cap(split: Split, limit: int | None) -> Split:
     return split if limit is None or len(split) <= limit else split.subset(np.arange(limit))
 
 
+def _stage_inputs(config: TrainConfig, data: PreparedData, lower_model: Model
+                  ) -> tuple[Split, Split, np.ndarray, np.ndarray]:
+    """The (capped) train / val splits and what the models train on: their pixels, or, with the lower blocks
+    frozen, the lower blocks' cached outputs."""
+    train, val = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
+    if not config.lower_features_cacheable:
+        return train, val, train.images, val.images
+    return (train, val, lower_features(lower_model, train, batch_size=config.eval_batch_size),
+            lower_features(lower_model, val, batch_size=config.eval_batch_size))
+
+
 def _training_record(config: TrainConfig, data: PreparedData, history: dict[str, Any],
                      timings: dict[str, float]) -> TrainingRecord:
     counts = {name: len(split) for name, split in data.splits.items()}
@@ -306,16 +317,10 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
         if view_from is not None:
             raise ValueError("--view-from applies to the two-stage model only")
         return train_shared_trunk(config, data, run_dir, resume=resume, weights_source=weights_source, log=log)
-    train_split, val_split = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
     view_model, tumor_model = build_models(config, weights_source)
-    from_lower = config.lower_features_cacheable
-
     t = time.perf_counter()
-    if from_lower:
-        train_x = lower_features(view_model, train_split, batch_size=config.eval_batch_size)
-        val_x = lower_features(view_model, val_split, batch_size=config.eval_batch_size)
-    else:
-        train_x, val_x = train_split.images, val_split.images
+    train_split, val_split, train_x, val_x = _stage_inputs(config, data, view_model)
+    from_lower = config.lower_features_cacheable
     timings["lower_features_s"] = time.perf_counter() - t
 
     # Stage 1: view planes exist only where the file name says (BRISC).
@@ -384,17 +389,12 @@ def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_split, val_split = _cap(data.splits["train"], config.max_images), _cap(data.splits["val"], config.max_images)
     view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor)
     model = build_shared_trunk(view_config, use_view_feature=config.use_view_feature, seed=config.seed)
     if config.pretrained:
         assign_vgg16(model.view.vgg, load_imagenet_vgg16(weights_source))
+    train_split, val_split, train_x, val_x = _stage_inputs(config, data, model.view)
     from_lower = config.lower_features_cacheable
-    if from_lower:
-        train_x = lower_features(model.view, train_split, batch_size=config.eval_batch_size)
-        val_x = lower_features(model.view, val_split, batch_size=config.eval_batch_size)
-    else:
-        train_x, val_x = train_split.images, val_split.images
     train_data = StageData(train_x, np.stack([train_split.plane, train_split.tumor], axis=1))
     val_data = StageData(val_x, np.stack([val_split.plane, val_split.tumor], axis=1))
     log(f"shared trunk: {len(train_data)} train / {len(val_data)} val images, recipe {config.recipe}")
