@@ -84,19 +84,22 @@ def test_two_stage_run_then_fit_statistics_then_serve(data, tmp_path, tmp_cache)
     np.testing.assert_allclose(served.tumor_logits, saved["tumor_logits"], rtol=1e-2, atol=5e-3)
 
 
-@pytest.mark.parametrize("frozen_blocks", [4, 0])  # cached lower features, and full fine-tuning on pixels
+# Cached block-4 or block-3 outputs (block 4 then trains on them), and full fine-tuning on pixels.
+@pytest.mark.parametrize("frozen_blocks", [4, 3, 0])
 def test_shared_trunk_run_serves_one_trunk(data, tmp_path, tmp_cache, frozen_blocks):
     config = CONFIG.replace(recipe="generated-shared", model="shared_trunk", frozen_blocks=frozen_blocks,
-                            cache_lower_features=frozen_blocks == 4, pixel_augment=frozen_blocks == 0,
+                            cache_lower_features=frozen_blocks > 0, pixel_augment=frozen_blocks == 0,
                             keep_best=True, epochs=2)
     pipeline = train_pipeline(config, None, tmp_path / "run", data=data, log=lambda _: None)
     assert pipeline.view_model.vgg is pipeline.tumor_model.vgg  # one trunk object while training
+    assert pipeline.view_model.config.lower_blocks == (frozen_blocks or 4)
     history = pipeline.info.training.history["shared"]
     assert "val_view_accuracy" in history[0] and history[-1]["kept_epoch"] in (1, 2)
     finalize_pipeline(pipeline, data)
     pipeline.save_pretrained(tmp_path / "ckpt")
     predictor = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8)
     assert predictor.pipeline.shares_trunk and predictor.forward.share_trunk
+    assert predictor.pipeline.view_model.config.lower_blocks == (frozen_blocks or 4)  # saved in config.json
     assert predictor.pipeline.view_model.vgg is not predictor.pipeline.tumor_model.vgg  # loaded: equal copies
     val = data.splits["val"]
     served = predictor.explain_arrays(val.images)

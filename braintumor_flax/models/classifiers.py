@@ -59,6 +59,14 @@ class ModelConfig:
         """Channels of blocks 4 and 5 (512 in VGG16): the width of the lower output and of the last conv."""
         return 512 // self.width_divisor
 
+    @property
+    def lower_shape(self) -> tuple[int, int, int]:
+        """[h, w, c] of the lower blocks' output: each block halves the side; widths 64, 128, 256, 512, 512."""
+        if not 1 <= self.lower_blocks <= 4:
+            raise ValueError(f"lower_blocks must be in 1..4, got {self.lower_blocks}")
+        side = self.image_size // 2**self.lower_blocks
+        return side, side, min(64 * 2 ** (self.lower_blocks - 1), 512) // self.width_divisor
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names)}
 

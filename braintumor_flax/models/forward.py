@@ -132,7 +132,7 @@ class Forward:
         if len(sizes) != 1:
             raise ValueError(f"the models disagree on image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
-        self.channels = models[0].config.trunk_channels
+        self._lower_shape = models[0].config.lower_shape
         self.batch_size = batch_size
         self.lone_chunk_own_shape = lone_chunk_own_shape
         self.has_view, self.has_tumor = view_model is not None, tumor_model is not None
@@ -151,8 +151,7 @@ class Forward:
 
     @property
     def lower_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // 16
-        return side, side, self.channels
+        return self._lower_shape
 
     def _models(self, states) -> tuple[ViewClassifier | None, TumorClassifier | None]:
         live = iter(nnx.merge(g, s) for g, s in zip(self._graphs, states, strict=True))
@@ -186,7 +185,7 @@ class Forward:
         return images
 
     def lower(self, images: np.ndarray, *, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """float32 [N, S/16, S/16, 512]: the lower blocks' output (of the view model, else the tumour model)."""
+        """float32 [N, *lower_shape]: the lower blocks' output (of the view model, else the tumour model)."""
         images = self._check(images)
         parts = []
         for start, rows, padded in padded_chunks(len(images), self.batch_size):
@@ -229,7 +228,7 @@ class Forward:
     def _outputs(self, parts: list[dict[str, np.ndarray]], n: int, spec: _Program) -> Outputs:
         side = self.image_size // 16
         empty = {"view_logits": (3,), "view_feature": (128,), "tumor_logits": (4,), "cam": (side, side),
-                 "target": (), "lower_pooled": (self.channels,), "lower": self.lower_shape}
+                 "target": (), "lower_pooled": (self.lower_shape[-1],), "lower": self.lower_shape}
 
         def get(key: str) -> np.ndarray | None:
             if parts and key in parts[0]:

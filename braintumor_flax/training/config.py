@@ -23,7 +23,7 @@ class TrainConfig:
     # VGG blocks 1..frozen_blocks keep their ImageNet weights (the original froze blocks 1-4).
     frozen_blocks: int = 4
     # With the lower blocks frozen, their output is computed once per image and cached; augmentation then
-    # acts on those cached feature maps (flips and zoom of the 8×8×512 map) instead of on pixels.
+    # acts on those cached feature maps (flips and zoom of e.g. the 8×8×512 map) instead of on pixels.
     cache_lower_features: bool = True
     hflip: bool = True
     vflip: bool = True
@@ -59,8 +59,14 @@ class TrainConfig:
         return cls.from_dict(record.config if record is not None else {})
 
     @property
+    def lower_blocks(self) -> int:
+        """Where the models' trunk splits into a lower (frozen, cacheable) and an upper part: after the frozen
+        blocks (blocks 1-3 frozen: block 3's output is cached and block 4 trains on it); block 4 otherwise."""
+        return self.frozen_blocks if 1 <= self.frozen_blocks <= 4 else 4
+
+    @property
     def lower_features_cacheable(self) -> bool:
-        return self.cache_lower_features and self.frozen_blocks >= 4
+        return self.cache_lower_features and 1 <= self.frozen_blocks <= 4
 
 
 RECIPES: dict[str, TrainConfig] = {
@@ -81,6 +87,10 @@ RECIPES: dict[str, TrainConfig] = {
     "shared-frozen4": TrainConfig(recipe="shared-frozen4", model="shared_trunk", epochs=20, schedule="warmup_cosine",
                                   warmup_epochs=1.0, learning_rate=3e-4, weight_decay=1e-4, label_smoothing=0.1,
                                   keep_best=True),
+    # CPU, further: blocks 1-3 frozen and their output cached; blocks 4-5 and both heads trained.
+    "shared-frozen3": TrainConfig(recipe="shared-frozen3", model="shared_trunk", epochs=6, frozen_blocks=3,
+                                  schedule="warmup_cosine", warmup_epochs=0.5, learning_rate=2e-4, weight_decay=1e-4,
+                                  label_smoothing=0.1, keep_best=True),
     # GPU: every block trained on pixels with the source-robustness augmentation, at four input sizes.
     **{f"shared-finetune-{size}": TrainConfig(
         recipe=f"shared-finetune-{size}", model="shared_trunk", image_size=size, epochs=30, frozen_blocks=0,

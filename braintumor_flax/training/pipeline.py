@@ -167,7 +167,7 @@ def view_outputs(view_model: ViewClassifier, inputs: np.ndarray, *, from_lower: 
 
 # ----------------------------------------------------------------------------------------------- lower-feature cache
 def lower_features(model: Model, split: Split, *, batch_size: int = 32, use_cache: bool = True) -> np.ndarray:
-    """float16 [N, S/16, S/16, C] outputs of the frozen lower blocks, computed once per image and cached
+    """float16 [N, *lower_shape] outputs of the frozen lower blocks, computed once per image and cached
     on disk by (weights digest, file content hash): reruns, resumed runs and stage 2 reuse them."""
     forward = Forward(model if isinstance(model, ViewClassifier) else None,
                       model if isinstance(model, TumorClassifier) else None, batch_size=batch_size)
@@ -194,7 +194,8 @@ def lower_features(model: Model, split: Split, *, batch_size: int = 32, use_cach
 def build_models(config: TrainConfig, weights_source: str | Path | None = None) -> tuple[ViewClassifier,
                                                                                           TumorClassifier]:
     """Both models with the ImageNet VGG16 convolutions (random ones for `config.pretrained=False`)."""
-    view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor)
+    view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor,
+                              lower_blocks=config.lower_blocks)
     tumor_config = dataclasses.replace(view_config, task="tumor")
     if not config.use_view_feature:
         tumor_config = dataclasses.replace(tumor_config, view_projection_dim=0)
@@ -389,7 +390,8 @@ def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor)
+    view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor,
+                              lower_blocks=config.lower_blocks)
     model = build_shared_trunk(view_config, use_view_feature=config.use_view_feature, seed=config.seed)
     if config.pretrained:
         assign_vgg16(model.view.vgg, load_imagenet_vgg16(weights_source))
