@@ -7,6 +7,8 @@ Layout of a checkpoint folder (= one Hugging Face model repo):
     shared.safetensors          parameters identical in both models (the frozen VGG blocks), stored once
     view/model.safetensors      the rest of model 1       view/config.json   view/metrics.json
     tumor/model.safetensors     the rest of model 2       tumor/config.json  tumor/metrics.json
+    segmentation/model.safetensors   the tumour-mask decoder (optional; its config and training record are
+                                     config.json's "segmentation")
     metrics.json                test metrics of both models (written by evaluation)
     README.md                   model card, generated from the metrics
 
@@ -28,12 +30,14 @@ from braintumor_flax import __version__
 from braintumor_flax.checkpoint_info import CheckpointInfo
 from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
 from braintumor_flax.models.params import flat_params, load_flat_params
+from braintumor_flax.models.segmentation import SegmentationConfig, TumorSegmenter, build_segmenter, trunk_digest
 from braintumor_flax.reports.model_card import render_model_card
 
 FORMAT_VERSION = 1
 TASKS = ("view", "tumor")
 SHARED_FILE = "shared.safetensors"
 OOD_FILE = "ood.safetensors"
+SEGMENTATION_FILE = "segmentation/model.safetensors"
 OOD_ARRAYS = ("means", "precision")  # the large parts of CheckpointInfo.ood; its scalars and limits stay in config.json
 HUB_FILES = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "README.md", "*.png"]
 
@@ -111,6 +115,12 @@ def models_from_params(config: dict[str, Any], shared: dict[str, np.ndarray],
     return models
 
 
+def segmenter_from_params(config: dict[str, Any], params: dict[str, np.ndarray]) -> TumorSegmenter:
+    segmenter = nnx.eval_shape(lambda: build_segmenter(SegmentationConfig.from_dict(config)))
+    load_flat_params(segmenter, {k: v.astype(np.float32) for k, v in params.items()})
+    return segmenter
+
+
 class BrainTumorPipeline(
     ModelHubMixin,
     library_name="braintumor-flax",
@@ -127,12 +137,28 @@ class BrainTumorPipeline(
         tumor_model: TumorClassifier,
         info: CheckpointInfo | None = None,
         metrics: dict[str, Any] | None = None,
+        segmenter: TumorSegmenter | None = None,
+        segmentation_record: dict[str, Any] | None = None,
     ):
         self.view_model = view_model
         self.tumor_model = tumor_model
         # Calibration temperatures, OOD statistics, training recipe and data provenance.
         self.info = info if info is not None else CheckpointInfo()
         self.metrics: dict[str, Any] = dict(metrics or {})
+        self.segmenter: TumorSegmenter | None = None
+        self.segmentation_record: dict[str, Any] = {}
+        if segmenter is not None:
+            self.attach_segmenter(segmenter, segmentation_record or {})
+
+    def attach_segmenter(self, segmenter: TumorSegmenter, record: dict[str, Any]) -> None:
+        """Add the tumour-mask decoder; it must have been trained on this trunk's VGG blocks 1-3."""
+        for model in self.models.values():
+            if trunk_digest(model.vgg) != segmenter.config.trunk_digest:
+                raise ValueError("the segmenter was trained on other VGG blocks 1-3 than this checkpoint's trunk")
+        if segmenter.config.image_size != self.view_model.config.image_size:
+            raise ValueError(f"the segmenter is for {segmenter.config.image_size} px, "
+                             f"the classifiers for {self.view_model.config.image_size}")
+        self.segmenter, self.segmentation_record = segmenter, dict(record)
 
     @property
     def models(self) -> dict[str, nnx.Module]:
@@ -155,6 +181,8 @@ class BrainTumorPipeline(
             "library_version": __version__,
             "models": {task: model.config.to_dict() for task, model in self.models.items()},
             **self.info.to_dict(),
+            **({"segmentation": {"config": self.segmenter.config.to_dict(), "training": self.segmentation_record}}
+               if self.segmenter is not None else {}),
         }
 
     def _save_pretrained(self, save_directory: Path, *, dtype: str = "float32") -> None:
@@ -176,6 +204,9 @@ class BrainTumorPipeline(
             save_file(cast(only), str(save_directory / task / "model.safetensors"), metadata=meta)
             _write_json(save_directory / task / "config.json", self.models[task].config.to_dict())
             _write_json(save_directory / task / "metrics.json", self.metrics.get(task, {}))
+        if self.segmenter is not None:
+            (save_directory / SEGMENTATION_FILE).parent.mkdir(parents=True, exist_ok=True)
+            save_file(cast(flat_params(self.segmenter)), str(save_directory / SEGMENTATION_FILE), metadata=meta)
         write_config(save_directory, self.config_dict())
         _write_json(save_directory / "metrics.json", self.metrics)
         (save_directory / "README.md").write_text(self.model_card())
@@ -210,5 +241,10 @@ class BrainTumorPipeline(
         shared = load_file(str(folder / SHARED_FILE)) if (folder / SHARED_FILE).is_file() else {}
         models = models_from_params(config, shared, {task: load_file(str(folder / task / "model.safetensors"))
                                                      for task in TASKS})
+        segmenter, record = None, None
+        if "segmentation" in config:
+            params = load_file(str(folder / SEGMENTATION_FILE))
+            segmenter = segmenter_from_params(config["segmentation"]["config"], params)
+            record = config["segmentation"].get("training", {})
         return cls(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config),
-                   metrics=_read_json(folder / "metrics.json"))
+                   metrics=_read_json(folder / "metrics.json"), segmenter=segmenter, segmentation_record=record)

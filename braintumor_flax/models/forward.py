@@ -10,7 +10,9 @@ inside every compiled program; the optional outputs of the same call are
   ``w_k = mean_ij d logit_c / d A_ijk``, ``cam_ij = ReLU(sum_k w_k A_ijk)``. The view feature enters the
   tumour head as a constant, so the map explains the tumour branch's own evidence;
 * the spatial mean of the lower blocks' output (`pooled=True`, [B, 512]: the OOD check's feature);
-* the lower blocks' output itself (`keep_lower=True`, for on-disk caches).
+* the lower blocks' output itself (`keep_lower=True`, for on-disk caches);
+* the tumour mask (`segment=True`, [B, S, S] probabilities): the segmentation decoder (`models.segmentation`)
+  reads VGG blocks 1-3's activations from the same trunk pass.
 
 Lower-block outputs can be passed in instead of pixels (`lower=`), so a cached trunk costs only the heads.
 Batches are zero-padded to one shape so each program compiles once; `lone_chunk_own_shape` gives a single
@@ -29,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from braintumor_flax.models.classifiers import TumorClassifier, ViewClassifier
+from braintumor_flax.models.segmentation import TumorSegmenter, encode
 from braintumor_flax.xla import cpu_jit
 
 
@@ -39,6 +42,7 @@ class TwoModels(Protocol):
     tumor_model: TumorClassifier
     shares_lower_blocks: bool
     shares_trunk: bool
+    segmenter: TumorSegmenter | None
 
 
 @dataclasses.dataclass
@@ -52,6 +56,7 @@ class Outputs:
     target: np.ndarray | None = None  # [N] the tumour class each map explains (explain=True)
     lower_pooled: np.ndarray | None = None  # [N, 512] (pooled=True)
     lower: np.ndarray | None = None  # [N, h, w, 512] (keep_lower=True)
+    mask_prob: np.ndarray | None = None  # [N, S, S] in [0, 1] on the model grid (segment=True)
 
 
 def padded_chunks(n: int, batch_size: int, *, lone_chunk_own_shape: bool = False
@@ -113,6 +118,7 @@ class _Program:
     explain: bool
     pooled: bool
     keep_lower: bool
+    segment: bool = False
 
 
 class Forward:
@@ -124,7 +130,7 @@ class Forward:
 
     def __init__(self, view_model: ViewClassifier | None, tumor_model: TumorClassifier | None = None, *,
                  share_lower: bool = False, share_trunk: bool = False, batch_size: int = 16,
-                 lone_chunk_own_shape: bool = False):
+                 lone_chunk_own_shape: bool = False, segmenter: TumorSegmenter | None = None):
         if view_model is None and tumor_model is None:
             raise ValueError("Forward needs at least one model")
         models = [m for m in (view_model, tumor_model) if m is not None]
@@ -139,15 +145,18 @@ class Forward:
         self._tumor_uses_view = bool(self.has_view and tumor_model is not None and tumor_model.config.use_view_feature)
         self.share_lower = share_lower or share_trunk or not (self.has_view and self.has_tumor)
         self.share_trunk = share_trunk and self.has_view and self.has_tumor
-        self._graphs, self._states = zip(*(nnx.split(m) for m in (view_model, tumor_model) if m is not None),
-                                         strict=True)
+        self.has_segmenter = segmenter is not None
+        if segmenter is not None and segmenter.config.image_size != self.image_size:
+            raise ValueError(f"the segmenter is for {segmenter.config.image_size} px, the models for {self.image_size}")
+        self._graphs, self._states = zip(*(nnx.split(m) for m in (view_model, tumor_model, segmenter)
+                                           if m is not None), strict=True)
         self._programs: dict[_Program, Callable] = {}
         self._lower_fn = cpu_jit(lambda states, images: self._models(states)[0 if self.has_view else 1].lower(images))
 
     @classmethod
     def from_pipeline(cls, pipeline: TwoModels, **kwargs) -> Forward:
         return cls(pipeline.view_model, pipeline.tumor_model, share_lower=pipeline.shares_lower_blocks,
-                   share_trunk=pipeline.shares_trunk, **kwargs)
+                   share_trunk=pipeline.shares_trunk, segmenter=pipeline.segmenter, **kwargs)
 
     @property
     def lower_shape(self) -> tuple[int, int, int]:
@@ -157,6 +166,9 @@ class Forward:
         live = iter(nnx.merge(g, s) for g, s in zip(self._graphs, states, strict=True))
         return (next(live) if self.has_view else None), (next(live) if self.has_tumor else None)
 
+    def _segmenter(self, states) -> TumorSegmenter:
+        return nnx.merge(self._graphs[-1], states[-1])
+
     def _program(self, p: _Program) -> Callable:
         if p not in self._programs:
             def run(states, x, target):
@@ -165,7 +177,11 @@ class Forward:
                     lower = x.astype(jnp.float32)
                     tumor_lower = lower
                 else:
-                    lower = (view if view is not None else tumor).lower(x)
+                    base = view if view is not None else tumor
+                    if p.segment:  # one VGG pass gives the lower output and the decoder's activations
+                        lower, skips = encode(base.vgg, x, base.config.lower_blocks)
+                    else:
+                        lower = base.lower(x)
                     tumor_lower = None if tumor is None else (lower if self.share_lower else tumor.lower(x))
                 out = two_stage(view, tumor, lower, tumor_lower, want_view=p.want_view, explain=p.explain,
                                 target=target, share_trunk=self.share_trunk)
@@ -173,6 +189,8 @@ class Forward:
                     out["lower_pooled"] = lower.mean(axis=(1, 2))
                 if p.keep_lower:
                     out["lower"] = lower
+                if p.segment:
+                    out["mask_prob"] = jax.nn.sigmoid(self._segmenter(states)(skips))
                 return out
 
             self._programs[p] = cpu_jit(run)
@@ -197,7 +215,8 @@ class Forward:
 
     def __call__(self, images: np.ndarray | None = None, *, lower: np.ndarray | None = None, want_view: bool = True,
                  explain: bool = False, target: np.ndarray | None = None, pooled: bool = False,
-                 keep_lower: bool = False, progress: Callable[[int, int], None] | None = None) -> Outputs:
+                 keep_lower: bool = False, segment: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Outputs:
         """Outputs for uint8 RGB `images` [N, S, S, 3], or for precomputed `lower` outputs [N, h, w, 512].
 
         From `lower`, both models read the same lower output, so the models must share their lower blocks.
@@ -208,10 +227,13 @@ class Forward:
             raise ValueError("these models have different lower blocks: pass images, not one lower output")
         if explain and not self.has_tumor:
             raise ValueError("Grad-CAM explains the tumour model, which this Forward does not hold")
+        if segment and (not self.has_segmenter or lower is not None):
+            raise ValueError("segment=True needs a segmenter and pixels (it reads VGG blocks 1-3)")
         x = self._check(images) if images is not None else np.asarray(lower)
         n = len(x)
         spec = _Program(from_lower=lower is not None, want_view=want_view, explain=explain, pooled=pooled,
-                        keep_lower=keep_lower and lower is None)  # the lower output is not returned back
+                        keep_lower=keep_lower and lower is None,  # the lower output is not returned back
+                        segment=segment)
         program = self._program(spec)
         targets = np.full((n,), -1, np.int32) if target is None else np.asarray(target, np.int32)
         parts: list[dict[str, np.ndarray]] = []
@@ -228,7 +250,8 @@ class Forward:
     def _outputs(self, parts: list[dict[str, np.ndarray]], n: int, spec: _Program) -> Outputs:
         side = self.image_size // 16
         empty = {"view_logits": (3,), "view_feature": (128,), "tumor_logits": (4,), "cam": (side, side),
-                 "target": (), "lower_pooled": (self.lower_shape[-1],), "lower": self.lower_shape}
+                 "target": (), "lower_pooled": (self.lower_shape[-1],), "lower": self.lower_shape,
+                 "mask_prob": (self.image_size, self.image_size)}
 
         def get(key: str) -> np.ndarray | None:
             if parts and key in parts[0]:
@@ -247,4 +270,5 @@ class Forward:
             target=get("target") if spec.explain else None,
             lower_pooled=get("lower_pooled") if spec.pooled else None,
             lower=get("lower") if spec.keep_lower else None,
+            mask_prob=get("mask_prob") if spec.segment else None,
         )

@@ -34,14 +34,15 @@ def load_flat_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
     nnx.update(model, nnx.from_flat_state(flat))
 
 
-def weights_digest(*models: nnx.Module, blocks: int | None = None, salt: str = "") -> str:
+def weights_digest(*models: nnx.Module, blocks: int | None = None, salt: str = "", prefix: str = "vgg.") -> str:
     """sha256 (hex) over every parameter's name and bytes, model by model: changes exactly when the weights do.
 
     `blocks=k` hashes only VGG blocks 1..k (the lower stage), to key caches of their outputs; `salt` adds
-    whatever else shapes what the hash stands for (image size, preprocessing).
+    whatever else shapes what the hash stands for (image size, preprocessing). `prefix`: where the VGG sits in
+    the models ("" for a bare VGG16).
     """
     h = hashlib.sha256(salt.encode())
-    prefixes = None if blocks is None else tuple(f"vgg.block{b}_" for b in range(1, blocks + 1))
+    prefixes = None if blocks is None else tuple(f"{prefix}block{b}_" for b in range(1, blocks + 1))
     for model in models:
         for name, value in sorted(flat_params(model).items()):
             if prefixes is None or name.startswith(prefixes):

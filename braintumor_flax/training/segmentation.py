@@ -1,0 +1,239 @@
+"""Training the tumour segmenter (models/segmentation.py) on BRISC masks, with the classification split.
+
+The VGG blocks 1-3 it reads are frozen (the ImageNet weights every CPU recipe keeps), so only the decoder
+gets gradients, and their activations are computed once per image (float16, in memory: about 1.7 MB per
+slice at 128 px); augmentation then flips those activations and the mask together. Loss: pixel-wise binary
+cross-entropy plus a soft Dice term per image; no-tumour slices (empty masks) are trained on too, so the
+decoder learns to stay silent. The epoch with the
+best validation Dice is kept (model selection on validation only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from tqdm.auto import tqdm
+
+from braintumor_flax.data.masks import split_masks
+from braintumor_flax.data.splits import PreparedData, Split
+from braintumor_flax.models.forward import pad_rows, padded_chunks
+from braintumor_flax.models.segmentation import (
+    ENCODER_BLOCKS,
+    SKIP_LAYERS,
+    SegmentationConfig,
+    TumorSegmenter,
+    build_segmenter,
+    encode,
+    trunk_digest,
+)
+from braintumor_flax.models.vgg16 import VGG16
+from braintumor_flax.xla import cpu_jit
+
+
+@dataclasses.dataclass(frozen=True)
+class SegTrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    hflip: bool = True
+    dice_weight: float = 1.0
+    seed: int = 0
+    datasets: tuple[str, ...] = ("brisc2025",)  # the masks are BRISC's
+    max_images: int | None = None  # cap per split (smoke tests)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "datasets": list(self.datasets)}
+
+
+Skips = dict[str, np.ndarray]
+
+
+@struct.dataclass
+class SegState:
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    config: SegTrainConfig = struct.field(pytree_node=False)
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def encode_images(vgg: VGG16, images: np.ndarray, batch_size: int = 32) -> Skips:
+    """float16 activations of the frozen VGG blocks the decoder reads, for every image."""
+    graphdef, state = nnx.split(vgg)
+    run = cpu_jit(lambda st, x: encode(nnx.merge(graphdef, st), x, ENCODER_BLOCKS)[1])
+    parts: list[Skips] = []
+    for start, rows, padded in tqdm(list(padded_chunks(len(images), batch_size)), desc="VGG blocks 1-3",
+                                    unit="batch", dynamic_ncols=True, mininterval=5.0):
+        out = run(state, jnp.asarray(pad_rows(images, start, rows, padded, np.uint8)))
+        parts.append({k: np.asarray(v[:rows], np.float16) for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in SKIP_LAYERS}
+
+
+def soft_dice(prob: jax.Array, target: jax.Array, smooth: float = 1.0) -> jax.Array:
+    """Per-image soft Dice [B] (an empty target and an empty prediction score 1)."""
+    inter = (prob * target).sum(axis=(1, 2))
+    return (2 * inter + smooth) / (prob.sum(axis=(1, 2)) + target.sum(axis=(1, 2)) + smooth)
+
+
+def _loss(params: nnx.State, state: SegState, skips: dict[str, jax.Array], masks: jax.Array, key: jax.Array
+          ) -> jax.Array:
+    cfg = state.config
+    target = masks.astype(jnp.float32)
+    if cfg.hflip:  # the activations and the mask flipped together (VGG features are close to flip-equivariant)
+        flip = jax.random.bernoulli(key, 0.5, (target.shape[0],))
+        skips = {k: jnp.where(flip[:, None, None, None], v[:, :, ::-1], v) for k, v in skips.items()}
+        target = jnp.where(flip[:, None, None], target[:, :, ::-1], target)
+    logits = nnx.merge(state.graphdef, params)(skips)
+    bce = optax.sigmoid_binary_cross_entropy(logits, target).mean()
+    return bce + cfg.dice_weight * (1.0 - soft_dice(jax.nn.sigmoid(logits), target)).mean()
+
+
+@cpu_jit
+def seg_train_step(state: SegState, skips: dict[str, jax.Array], masks: jax.Array, key: jax.Array
+                   ) -> tuple[SegState, jax.Array]:
+    loss, grads = jax.value_and_grad(_loss)(state.params, state, skips, masks, key)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), loss
+
+
+@cpu_jit
+def seg_probs(state: SegState, skips: dict[str, jax.Array]) -> jax.Array:
+    return jax.nn.sigmoid(nnx.merge(state.graphdef, state.params)(skips))
+
+
+def predict_masks(state: SegState, skips: Skips, batch_size: int = 32) -> np.ndarray:
+    """float32 [N, S, S] mask probabilities from cached activations, in fixed-shape (padded) batches."""
+    n = len(skips[SKIP_LAYERS[0]])
+    parts = [np.asarray(seg_probs(state, {k: jnp.asarray(pad_rows(v, start, rows, padded)) for k, v in skips.items()})
+                        )[:rows] for start, rows, padded in padded_chunks(n, batch_size)]
+    return np.concatenate(parts)
+
+
+def grid_dice(probs: np.ndarray, masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Hard Dice per image on the model grid (validation; the evaluation measures on the image's own pixels)."""
+    pred = probs >= threshold
+    inter = (pred & masks).sum(axis=(1, 2))
+    total = pred.sum(axis=(1, 2)) + masks.sum(axis=(1, 2))
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+@dataclasses.dataclass
+class SegData:
+    images: np.ndarray
+    masks: np.ndarray
+
+    @classmethod
+    def of(cls, split: Split, data_dir: str | Path, config: SegTrainConfig) -> SegData:
+        masks, known = split_masks(split, data_dir)
+        rows = np.flatnonzero(known & np.isin(split.dataset, config.datasets))
+        if config.max_images is not None:
+            rows = rows[: config.max_images]
+        return cls(split.images[rows], masks[rows])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config: SegTrainConfig = SegTrainConfig(),
+                    *, log: Callable[[str], None] = print) -> tuple[TumorSegmenter, dict[str, Any]]:
+    """Train a decoder over `vgg`'s frozen blocks 1-3 on the train split; keep the best epoch on validation."""
+    t0 = time.perf_counter()
+    train, val = SegData.of(data.splits["train"], data_dir, config), SegData.of(data.splits["val"], data_dir, config)
+    if len(train) < config.batch_size:
+        raise ValueError(f"{len(train)} images with masks are fewer than one batch of {config.batch_size}")
+    size = train.images.shape[1]
+    width_divisor = 64 // vgg.block1_conv1.kernel.get_value().shape[-1]
+    seg_config = SegmentationConfig(image_size=size, width_divisor=width_divisor,
+                                    trunk_digest=trunk_digest(vgg))
+    segmenter = build_segmenter(seg_config, seed=config.seed)
+    steps = len(train) // config.batch_size
+    total = max(2, config.epochs * steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
+                                                  min(max(1, int(config.warmup_epochs * steps)), total - 1), total)
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+    graphdef, params = nnx.split(segmenter)
+    state = SegState(graphdef, tx, config, params, tx.init(params))
+    train_skips, val_skips = encode_images(vgg, train.images), encode_images(vgg, val.images)
+    log(f"segmenter: {len(train)} train / {len(val)} val slices with masks "
+        f"({int(train.masks.any(axis=(1, 2)).sum())} / {int(val.masks.any(axis=(1, 2)).sum())} with tumour)")
+    history: list[dict[str, Any]] = []
+    best: tuple[float, int, nnx.State] | None = None
+    tumour_val = val.masks.any(axis=(1, 2))
+    for epoch in range(config.epochs):
+        t = time.perf_counter()
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+        losses = []
+        for step in tqdm(range(steps), desc=f"segmenter epoch {epoch + 1}/{config.epochs}", unit="batch",
+                         dynamic_ncols=True, mininterval=5.0):
+            idx = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
+            key = jax.random.fold_in(jax.random.key(config.seed), epoch * steps + step)
+            batch = {k: jnp.asarray(v[idx]) for k, v in train_skips.items()}
+            state, loss = seg_train_step(state, batch, jnp.asarray(train.masks[idx]), key)
+            losses.append(loss)
+        dice = grid_dice(predict_masks(state, val_skips), val.masks, seg_config.threshold)
+        entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                 "val_dice_tumour": float(dice[tumour_val].mean()) if tumour_val.any() else float("nan"),
+                 "val_empty_correct": float(dice[~tumour_val].mean()) if (~tumour_val).any() else float("nan"),
+                 "seconds": round(time.perf_counter() - t, 1)}
+        history.append(entry)
+        log("segmenter epoch {epoch}: ".format(**entry) + ", ".join(
+            f"{k}={v:.4f}" for k, v in entry.items() if isinstance(v, float)))
+        score = entry["val_dice_tumour"]
+        if score == score and (best is None or score > best[0]):
+            best = (score, epoch + 1, state.params)
+    if best is not None:
+        state = state.replace(params=best[2])
+        log(f"segmenter: kept epoch {best[1]} (validation Dice {best[0]:.4f})")
+    record = {"config": config.to_dict(), "history": history, "kept_epoch": best[1] if best else config.epochs,
+              "train_images": len(train), "val_images": len(val), "dataset_hash": data.dataset_hash,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    return nnx.merge(state.graphdef, state.params), record
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train a segmenter for an existing checkpoint's trunk and save the checkpoint with it."""
+    import argparse
+    import json
+
+    from braintumor_flax.data.datasets import prepare
+    from braintumor_flax.hub import BrainTumorPipeline
+    from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, default_data_dir
+    from braintumor_flax.training.config import TrainConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT_DIR, help="classifier checkpoint to extend")
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset folder (default ../shared/data)")
+    p.add_argument("--out", type=Path, default=None, help="where to save (default: over --checkpoint)")
+    for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("max-images", int)):
+        p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in ("epochs", "batch_size", "learning_rate", "max_images")
+                 and v is not None}
+    config = dataclasses.replace(SegTrainConfig(), **overrides)
+    pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
+    # The classifier's own split (same validation fraction and seed), so no test image or duplicate trains it.
+    trained = TrainConfig.from_record(pipeline.info.training)
+    data_dir = args.data_dir or default_data_dir()
+    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, val_fraction=trained.val_fraction,
+                   seed=trained.seed)
+    segmenter, record = train_segmenter(pipeline.view_model.vgg, data, data_dir, config)
+    pipeline.attach_segmenter(segmenter, record)
+    pipeline.save_pretrained(args.out or args.checkpoint)
+    print(json.dumps({k: v for k, v in record.items() if k != "history"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

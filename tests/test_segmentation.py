@@ -1,0 +1,104 @@
+"""Tumour segmentation: mask geometry on real BRISC files, and a decoder trained, saved, loaded and served."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor_flax.data.imageio import to_model_input
+from braintumor_flax.data.masks import grid_to_image, mask_path_for, mask_to_grid, read_mask, split_masks
+from braintumor_flax.data.splits import PreparedData, Split
+from braintumor_flax.hub import BrainTumorPipeline
+from braintumor_flax.labels import TUMOR_CLASSES
+from braintumor_flax.models.forward import Forward
+from braintumor_flax.training.segmentation import SegTrainConfig, grid_dice, train_segmenter
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BRISC_TRAIN = DATA / "brisc2025" / "classification_task" / "train"
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.skipif(not BRISC_TRAIN.is_dir(), reason="shared BRISC data not present")
+def test_real_masks_map_to_the_model_grid_and_back():
+    images = sorted((BRISC_TRAIN / "meningioma").glob("*.jpg"))[:4] + sorted((BRISC_TRAIN / "glioma").glob("*.jpg"))[:4]
+    assert not mask_path_for(sorted((BRISC_TRAIN / "no_tumor").glob("*.jpg"))[0]).is_file()  # none for no tumour
+    for image_path in images:
+        mask = read_mask(mask_path_for(image_path))
+        assert mask.any() and mask.shape == Image.open(image_path).size[::-1]
+        # Square, and cut to a non-square shape (the padding must be undone where it was put).
+        for native in (mask, mask[:, 30:-10]):
+            grid = mask_to_grid(native, 128)
+            back = grid_to_image(grid.astype(np.float32), *native.shape) >= 0.5
+            assert back.shape == native.shape and _dice(back, native) > 0.9
+    # Pixels and mask take the same geometry: bright pixels drawn where the mask is land where the mask lands.
+    native = mask[:, 30:-10]
+    drawn = to_model_input(np.where(native, 255, 0).astype(np.uint8), 128)[..., 0] >= 128
+    np.testing.assert_array_equal(drawn, mask_to_grid(native, 128))
+
+
+SIZE = 32
+
+
+def _write_brisc_like(root: Path, split: str, n: int, seed: int) -> Split:
+    """Generated slices and masks in BRISC's layout: a bright square is the tumour; a quarter have none."""
+    rng = np.random.default_rng(seed)
+    images, tumor, paths = [], [], []
+    for i in range(n):
+        image = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        label = "no_tumor" if i % 4 == 0 else "glioma"
+        if label != "no_tumor":
+            side, top, left = rng.integers(5, 12), rng.integers(0, SIZE - 12), rng.integers(0, SIZE - 12)
+            image[top:top + side, left:left + side] = 220
+            mask[top:top + side, left:left + side] = 255
+        stem = f"brisc2025_{split}_{i:05d}_{label[:2]}_ax_t1"
+        image_path = root / "brisc2025" / "classification_task" / split / label / f"{stem}.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(image_path)
+        if label != "no_tumor":
+            mask_file = mask_path_for(image_path)
+            mask_file.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(mask_file)
+        images.append(image)
+        tumor.append(TUMOR_CLASSES.index(label))
+        paths.append(str(image_path.relative_to(root)))
+    hashes = [hashlib.sha1(p.encode()).hexdigest() for p in paths]
+    return Split(split, np.stack(images), np.array(tumor, np.int32), np.zeros(n, np.int32),
+                 np.array(["brisc2025"] * n), paths, hashes)
+
+
+def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory):
+    data = PreparedData({"train": _write_brisc_like(tmp_path, "train", 96, 0),
+                         "val": _write_brisc_like(tmp_path, "val", 24, 1)}, report={}, dataset_hash="gen",
+                        image_size=SIZE)
+    masks, known = split_masks(data.splits["val"], tmp_path)
+    assert known.all() and masks[0].sum() == 0 and masks[1].sum() > 0
+    pipeline = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)
+    config = SegTrainConfig(epochs=12, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2)
+    segmenter, record = train_segmenter(pipeline.view_model.vgg, data, tmp_path, config, log=lambda _: None)
+    history = record["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(h["val_dice_tumour"] for h in history) > 0.6  # random-VGG features still locate a bright square
+
+    pipeline.attach_segmenter(segmenter, record)
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
+    assert loaded.segmenter is not None and loaded.segmentation_record["kept_epoch"] == record["kept_epoch"]
+    forward = Forward.from_pipeline(loaded, batch_size=8)
+    val = data.splits["val"]
+    served = forward(val.images, segment=True)
+    plain = forward(val.images)
+    np.testing.assert_array_equal(served.tumor_logits, plain.tumor_logits)  # the mask costs the answer nothing
+    dice = grid_dice(served.mask_prob, masks, 0.5)
+    assert abs(dice[masks.any(axis=(1, 2))].mean() - history[record["kept_epoch"] - 1]["val_dice_tumour"]) < 0.05
+
+    other = tiny_pipeline_factory(image_size=SIZE, width_divisor=16, seed=5)  # other VGG blocks 1-3
+    with pytest.raises(ValueError, match="other VGG blocks"):
+        other.attach_segmenter(segmenter, record)
