@@ -12,6 +12,7 @@ from PIL import Image
 from braintumor_flax.data.imageio import to_model_input
 from braintumor_flax.data.masks import grid_to_image, mask_path_for, mask_to_grid, read_mask, split_masks
 from braintumor_flax.data.splits import PreparedData, Split
+from braintumor_flax.evaluation.segmentation import evaluate_segmentation
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.labels import TUMOR_CLASSES
 from braintumor_flax.models.forward import Forward
@@ -98,6 +99,17 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     np.testing.assert_array_equal(served.tumor_logits, plain.tumor_logits)  # the mask costs the answer nothing
     dice = grid_dice(served.mask_prob, masks, 0.5)
     assert abs(dice[masks.any(axis=(1, 2))].mean() - history[record["kept_epoch"] - 1]["val_dice_tumour"]) < 0.05
+
+    # The evaluation measures on each image's own pixels; here they are the model grid, so it must agree exactly.
+    test_data = PreparedData({"test_brisc2025": val}, report={}, dataset_hash="gen", image_size=SIZE)
+    results, per_slice = evaluate_segmentation(loaded, test_data, tmp_path, n_resamples=50)
+    summary = results["test_sets"]["test_brisc2025"]
+    tumour = masks.any(axis=(1, 2))
+    assert summary["dice"]["n"] == tumour.sum() and summary["no_tumour"]["n"] == (~tumour).sum()
+    assert summary["dice"]["mean"] == pytest.approx(dice[tumour].mean(), abs=1e-9)
+    assert summary["dice"]["ci95"][0] <= summary["dice"]["mean"] <= summary["dice"]["ci95"][1]
+    assert 0 <= summary["gradcam"]["pointing_game"]["mean"] <= 1 and 0 < summary["gradcam"]["random_baseline"] < 1
+    assert len(per_slice["test_brisc2025"]) == len(val)
 
     other = tiny_pipeline_factory(image_size=SIZE, width_divisor=16, seed=5)  # other VGG blocks 1-3
     with pytest.raises(ValueError, match="other VGG blocks"):
