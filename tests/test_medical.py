@@ -174,6 +174,11 @@ def test_brisc_multiframe_sorted_by_position_and_thick_slices_not_squashed(real_
         np.testing.assert_array_equal(volume.slice_rgb("axial", k)[..., 0], grey)
     coronal = volume.slice_rgb("coronal", 128)
     assert coronal.shape[:2] == (25, 256)  # 5 slices x 5 mm shown 25 px tall, not 5
+    # A displayed pixel's area: 1 mm² in the axial cut; in the resampled coronal cut, the cut's physical
+    # extent (25 mm x 256 mm) over its displayed pixels — and each cut states the spacing between its slices.
+    assert volume.pixel_area_mm2("axial") == pytest.approx(1.0)
+    assert volume.pixel_area_mm2("coronal") * coronal.shape[0] * coronal.shape[1] == pytest.approx(25 * 256)
+    assert volume.info("axial")["slice_thickness_mm"] == 5.0 and volume.info("coronal")["slice_thickness_mm"] == 1.0
 
 
 def _zip(path: Path, files: list[Path], extra: dict[str, bytes] | None = None) -> Path:

@@ -10,12 +10,21 @@ import pytest
 from PIL import Image
 
 from braintumor_flax.data.imageio import to_model_input
-from braintumor_flax.data.masks import grid_to_image, mask_path_for, mask_to_grid, read_mask, split_masks
+from braintumor_flax.data.masks import (
+    grid_to_image,
+    mask_path_for,
+    mask_to_grid,
+    read_mask,
+    rle_decode,
+    rle_encode,
+    split_masks,
+)
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.evaluation.segmentation import evaluate_segmentation
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.labels import TUMOR_CLASSES
 from braintumor_flax.models.forward import Forward
+from braintumor_flax.serve.overlay import OUTLINE_RGB, draw_outline
 from braintumor_flax.training.segmentation import SegTrainConfig, grid_dice, train_segmenter
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -114,3 +123,23 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     other = tiny_pipeline_factory(image_size=SIZE, width_divisor=16, seed=5)  # other VGG blocks 1-3
     with pytest.raises(ValueError, match="other VGG blocks"):
         other.attach_segmenter(segmenter, record)
+
+
+def test_mask_rle_is_coco_column_major_and_round_trips():
+    assert rle_encode(np.array([[1, 0], [1, 1]], bool)) == {"size": [2, 2], "counts": [0, 2, 1, 1]}
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random((rng.integers(1, 12), rng.integers(1, 12))) > rng.random()
+        np.testing.assert_array_equal(rle_decode(rle_encode(mask)), mask)
+    with pytest.raises(ValueError, match="cover"):
+        rle_decode({"size": [3, 3], "counts": [4, 4]})
+
+
+def test_outline_is_drawn_on_the_mask_boundary_only():
+    image = np.zeros((20, 20, 3), np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    drawn = draw_outline(image, mask, width=1)
+    coloured = (drawn == OUTLINE_RGB).all(axis=-1)
+    assert coloured.sum() == 36 and coloured[5, 5:15].all() and not coloured[6:14, 6:14].any()
+    assert not image.any()  # a copy: the input is untouched

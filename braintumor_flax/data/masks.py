@@ -70,3 +70,26 @@ def split_masks(split: Split, data_dir: str | Path) -> tuple[np.ndarray, np.ndar
             masks[i] = mask_to_grid(read_mask(path), size)
             known[i] = True
     return masks, known
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, list[int]]:
+    """bool [H, W] → uncompressed COCO run-length encoding: {"size": [H, W], "counts": [...]}, runs in column-major
+    order starting with a (possibly empty) run of background (pycocotools' `frPyObjects` reads it)."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def rle_decode(rle: dict[str, list[int]]) -> np.ndarray:
+    """The inverse of `rle_encode`."""
+    h, w = rle["size"]
+    values = np.zeros(len(rle["counts"]), bool)
+    values[1::2] = True
+    flat = np.repeat(values, rle["counts"])
+    if flat.size != h * w:
+        raise ValueError(f"run lengths cover {flat.size} pixels, not {h} x {w}")
+    return flat.reshape((h, w), order="F")

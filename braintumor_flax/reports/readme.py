@@ -101,6 +101,47 @@ def ood_markdown(ood: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source
 
 
+def _ci(m: dict[str, Any], digits: int = 3) -> str:
+    if m.get("mean") is None:
+        return "—"
+    lo, hi = m["ci95"]
+    return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def segmentation_markdown(seg: dict[str, Any]) -> str:
+    """Dice / IoU, false positives on no-tumour slices and the Grad-CAM check (evaluation/segmentation.py)."""
+    brisc = seg["test_sets"].get("test_brisc2025", {})
+    lines = ["| BRISC 2025 test slices with a mask | n | Dice [95% CI] | IoU [95% CI] |", "|---|---|---|---|"]
+    if "dice" in brisc:
+        lines.append(f"| all | {brisc['dice']['n']} | {_ci(brisc['dice'])} | {_ci(brisc['iou'])} |")
+        for name, m in {**brisc["per_class"], **brisc["per_plane"]}.items():
+            lines.append(f"| {name} | {m['n']} | {_ci(m)} | |")
+    lines += ["", "| no-tumour test slices | n | median false-positive area | mean | slices with any |",
+              "|---|---|---|---|---|"]
+    for test_set, m in seg["test_sets"].items():
+        if "no_tumour" in m:
+            n = m["no_tumour"]
+            name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
+            lines.append(f"| {name} | {n['n']} | {n['median_false_positive_px']:.0f} px | "
+                         f"{n['mean_false_positive_px']:.1f} px | {100 * n['share_with_any_false_positive']:.1f} % |")
+    if "gradcam" in brisc:
+        g = brisc["gradcam"]
+        lines += ["", "| Grad-CAM of the served tumour model (predicted class), BRISC test tumour slices | value "
+                  "[95% CI] | a random point / a uniform map |", "|---|---|---|",
+                  f"| peak inside the true mask (pointing game) | {_ci(g['pointing_game'])} | "
+                  f"{g['random_baseline']:.3f} |",
+                  f"| share of the map's energy inside the mask | {_ci(g['energy_inside'])} | "
+                  f"{g['random_baseline']:.3f} |"]
+    training = seg.get("training", {})
+    lines += ["", f"_Generated from `results/segmentation.json` (`python -m braintumor_flax.evaluation.segmentation "
+              f"--checkpoint checkpoints --data-dir ../shared/data --out results`): measured on {seg['measured_on']}; "
+              f"mask threshold {seg['threshold']}, model grid {seg['image_size']} px; decoder trained on "
+              f"{training.get('train_images', '?')} slices for {training.get('config', {}).get('epochs', '?')} "
+              f"epochs (kept epoch {training.get('kept_epoch', '?')}, chosen on validation Dice), "
+              f"{training.get('seconds', '?')} s. Do not edit this block by hand._"]
+    return "\n".join(lines)
+
+
 def _met(value: float | None, limit: float, *, strict: bool = False) -> str:
     """Whether a lower-is-better measurement meets its target: value ≤ limit, or value < limit when strict."""
     if value is None:
@@ -225,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench-app", default="results/bench_app.json", help="benchmarks/bench_app.py output")
     ap.add_argument("--bench-inference", default="results/bench_inference.json",
                     help="benchmarks/bench_inference.py output")
+    ap.add_argument("--segmentation", default="results/segmentation.json",
+                    help="python -m braintumor_flax.evaluation.segmentation output")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--checkpoint", default="checkpoints", help="checkpoint folder whose model card to regenerate")
     ap.add_argument("--check", action="store_true", help="only check that README and model card are up to date")
@@ -241,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{readme}: no {START} ... {END} markers", file=sys.stderr)
             return 1
         # Optional blocks: regenerated when both their markers and their source JSON are there.
-        ood, bench_app, bench_inference = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference))
+        ood, bench_app, bench_inference, seg = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference,
+                                                                        args.segmentation))
         optional = {"ood": ood_markdown(ood) if ood else None,
+                    "segmentation": segmentation_markdown(seg) if seg else None,
                     "serving": serving_markdown(bench_app, bench_inference) if bench_app or bench_inference else None}
         for name, body in optional.items():
             start_marker, end_marker = markers(name)

@@ -93,7 +93,7 @@ class AppFunctions:
     def _analyze_path(self, path: str, *, gradcam: bool) -> SliceResult:
         try:
             # The service recognises a DICOM slice by content (it need not end in .dcm) and gives its plane.
-            rgb, header_plane = self.service.decode_slice(path)
+            rgb, header_plane, pixel_area_mm2 = self.service.decode_slice(path)
         except ImageDecodeError as exc:
             raise _user_error(exc.reason, "Cannot read this image") from None
         except MemoryError:
@@ -102,7 +102,7 @@ class AppFunctions:
             log.exception("unexpected error decoding an upload")
             raise _user_error("this file could not be decoded (unexpected internal error; reported in the server "
                               "log)", "Cannot read this image") from None
-        result = self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam)
+        result = self.service.analyze(rgb, name=_upload_name(path), gradcam=gradcam, pixel_area_mm2=pixel_area_mm2)
         result.header_plane = header_plane
         return result
 
@@ -120,6 +120,7 @@ class AppFunctions:
         summary = result.summary()
         if result.header_plane and result.header_plane != result.plane:  # a DICOM whose header disagrees
             summary += f" ⚠️ The file's header says {result.header_plane}."
+        summary += result.segmentation_note()
         return plane, tumour, result.overlay, summary
 
     def predict(self, file: Any) -> dict[str, Any]:

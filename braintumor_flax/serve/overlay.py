@@ -1,4 +1,5 @@
-"""Grad-CAM display: a coarse map (computed by `models.forward`, explain=True) mapped back onto the slice.
+"""Grad-CAM display: a coarse map (computed by `models.forward`, explain=True) mapped back onto the slice, and
+the segmenter's outline drawn over it.
 
 The map is upsampled to the model input, mapped back through the pad-to-square step onto the original
 slice and overlaid as a colour heat map.
@@ -67,3 +68,24 @@ def gradcam_overlay(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45, ma
     """
     shown = _fit(np.asarray(rgb, np.uint8), max_side)
     return overlay(shown, heatmap_on_original(cam, shown.shape[:2]), alpha=alpha)
+
+
+OUTLINE_RGB = (0, 255, 0)
+
+
+def draw_outline(rgb: np.ndarray, mask: np.ndarray, *, colour: tuple[int, int, int] = OUTLINE_RGB,
+                 width: int = 2) -> np.ndarray:
+    """The boundary of a bool mask (same H, W), `width` px wide, drawn over an image (a copy)."""
+    if rgb.shape[:2] != mask.shape:
+        raise ValueError(f"mask {mask.shape} does not match image {rgb.shape[:2]}")
+    inner = mask.copy()
+    for _ in range(width):  # erode by one pixel (4-neighbourhood) per step; what it removes is the outline
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    out = np.array(rgb, np.uint8, copy=True)
+    out[mask & ~inner] = colour
+    return out

@@ -70,8 +70,10 @@ class Predictor:
     def explain_arrays(self, images: np.ndarray, target: np.ndarray | None = None) -> Prediction:
         """`predict_arrays` plus, per image, a coarse Grad-CAM map (`outputs.cam`, [N, h, w]) for the predicted
         tumour class (or `target`) and the pooled lower-block output (`outputs.lower_pooled`, [N, 512], the OOD
-        check's feature), all from the same compiled call."""
-        return self._calibrated(self.forward(images, explain=True, target=target, pooled=True))
+        check's feature), and the tumour mask (`outputs.mask_prob`) when the checkpoint has a segmenter, all from
+        the same compiled call."""
+        return self._calibrated(self.forward(images, explain=True, target=target, pooled=True,
+                                             segment=self.forward.has_segmenter))
 
     def warm_up_explain(self) -> None:
         """Compile the Grad-CAM path for single images now (the app's interactive case)."""

@@ -21,10 +21,11 @@ from braintumor_flax import __version__
 from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.data.limits import MAX_IMAGE_BYTES, MAX_PIXELS, MAX_SIDE, RequestBudget, shape_reasons
+from braintumor_flax.data.masks import grid_to_image, rle_encode
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.models.params import weights_digest
 from braintumor_flax.ood import OODDetector, OODResult
-from braintumor_flax.serve.overlay import gradcam_overlay
+from braintumor_flax.serve.overlay import draw_outline, gradcam_overlay
 from braintumor_flax.serve.predictor import Prediction, Predictor, resolve_model_source
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_PIXELS", "BrainTumorService", "Prepared", "SliceResult"]
@@ -45,6 +46,18 @@ class SliceResult:
     error: str | None = None
     compute_ms: float | None = None
     header_plane: str | None = None  # the plane a DICOM / NIfTI header states (None: a picture, or unstated)
+    # The segmenter's answer on the input's own pixels (None: no segmenter, an error, or OOD).
+    mask: np.ndarray | None = dataclasses.field(default=None, repr=False)  # bool [H, W]
+    pixel_area_mm2: float | None = None  # known for DICOM / NIfTI (pixel spacing in the header)
+
+    @property
+    def tumor_area_px(self) -> int | None:
+        return None if self.mask is None else int(self.mask.sum())
+
+    @property
+    def tumor_area_mm2(self) -> float | None:
+        area = self.tumor_area_px
+        return None if area is None or self.pixel_area_mm2 is None else area * self.pixel_area_mm2
 
     @property
     def ok(self) -> bool:
@@ -80,6 +93,17 @@ class SliceResult:
         hedge = " — low confidence, treat with extra caution" if tumor_p < 0.6 else ""
         return f"An {plane}; {finding}{hedge}." if plane[0] in "aeiou" else f"A {plane}; {finding}{hedge}."
 
+    def segmentation_note(self) -> str:
+        """The segmenter's finding in words, to append to the summary (empty without a segmenter)."""
+        area = self.tumor_area_px
+        if area is None:
+            return ""
+        if area == 0:
+            return " The segmentation model outlines no tumour."
+        mm2 = self.tumor_area_mm2
+        size = f"{area:,} px" + (f", {mm2:,.0f} mm²" if mm2 is not None else "")
+        return f" Green outline: the segmentation model's tumour region ({size})."
+
     def to_json(self, model_version: str) -> dict[str, Any]:
         """The API's answer: labels are null when the input failed or looks out of distribution."""
         out: dict[str, Any] = {"file": self.name, "ok": self.ok, "model_version": model_version}
@@ -103,6 +127,10 @@ class SliceResult:
             out["header_plane"] = self.header_plane
             out["plane_warning"] = (None if self.plane == self.header_plane else
                                     f"the file's header says {self.header_plane}, the model sees {self.plane}")
+        if self.mask is not None:
+            mm2 = self.tumor_area_mm2
+            out["segmentation"] = {"area_px": self.tumor_area_px, "area_mm2": None if mm2 is None else round(mm2, 3),
+                                   "mask_rle": rle_encode(self.mask)}
         if self.compute_ms is not None:
             out["compute_ms"] = round(self.compute_ms, 1)
         return out
@@ -126,6 +154,7 @@ class BrainTumorService:
         self.ood = OODDetector(predictor.pipeline.info.ood)
         self._lock = threading.Lock()
         pipeline = predictor.pipeline
+        self.mask_threshold = pipeline.segmenter.config.threshold if pipeline.segmenter is not None else 0.5
         recipe = pipeline.info.recipe
         weights = weights_digest(pipeline.view_model, pipeline.tumor_model)[:12]
         self.model_version = f"braintumor-flax {__version__} / weights {weights}" + (f" / {recipe}" if recipe else "")
@@ -162,8 +191,9 @@ class BrainTumorService:
         return self.decode_slice(source, budget=budget)[0]
 
     def decode_slice(self, source: ImageSource, *, budget: RequestBudget | None = None
-                     ) -> tuple[np.ndarray, str | None]:
-        """`decode`, plus the plane a DICOM header states (None for a picture, or a header without one)."""
+                     ) -> tuple[np.ndarray, str | None, float | None]:
+        """`decode`, plus what a DICOM header states: the plane and the area of a pixel in mm² (each None for a
+        picture, or a header without it)."""
         if isinstance(source, str | Path):
             path = Path(source)
             if path.is_file() and path.stat().st_size > self.max_bytes:
@@ -174,10 +204,10 @@ class BrainTumorService:
                                    f"{self.max_bytes / 2**20:.0f} MB per image")
         if not isinstance(source, Image.Image) and medical.is_dicom(source):
             # A single-slice DICOM (by content, any name) decodes like a picture, windowed (own limits).
-            rgb, header_plane, _ = medical.read_dicom_slice(source)
-            return rgb, header_plane
+            rgb, header_plane, info = medical.read_dicom_slice(source)
+            return rgb, header_plane, info.get("pixel_area_mm2")
         budget = budget if budget is not None else RequestBudget()
-        return decode_image(source, max_pixels=self.max_pixels, max_side=MAX_SIDE, admit=budget.admit), None
+        return decode_image(source, max_pixels=self.max_pixels, max_side=MAX_SIDE, admit=budget.admit), None, None
 
     def prepare(self, source: ImageSource, *, budget: RequestBudget | None = None) -> Prepared:
         """Decode and shrink at once: a batch holds model inputs (49 KB each), never full-size images."""
@@ -191,15 +221,22 @@ class BrainTumorService:
         outputs = prediction.outputs
         features = outputs.lower_pooled if self.ood.feature == "lower_gap" else outputs.view_feature
         oods = [_with_shape(o, shape) for o, shape in zip(self.ood(features, images), shapes, strict=True)]
-        return [
+        results = [
             SliceResult(name, dict(zip(PLANES, map(float, prediction.view_probs[i]), strict=True)),
                         dict(zip(TUMOR_CLASSES, map(float, prediction.tumor_probs[i]), strict=True)),
                         oods[i], compute_ms=elapsed_ms / len(names))
             for i, name in enumerate(names)
         ]
+        if outputs.mask_prob is not None:
+            for result, prob, shape in zip(results, outputs.mask_prob, shapes, strict=True):
+                if not result.is_ood:  # no mask for what does not look like a brain slice
+                    result.mask = grid_to_image(prob, *shape) >= self.mask_threshold
+        return results
 
-    def analyze(self, rgb: np.ndarray, *, name: str = "image", gradcam: bool = True) -> SliceResult:
-        """One decoded slice → probabilities, OOD check and (unless OOD) the Grad-CAM overlay."""
+    def analyze(self, rgb: np.ndarray, *, name: str = "image", gradcam: bool = True,
+                pixel_area_mm2: float | None = None) -> SliceResult:
+        """One decoded slice → probabilities, OOD check and (unless OOD) the Grad-CAM overlay with the tumour
+        outline (when the checkpoint has a segmenter)."""
         x = to_model_input(rgb, self.predictor.image_size)[None]
         with self._lock:
             start = time.perf_counter()
@@ -208,12 +245,13 @@ class BrainTumorService:
             prediction = self.predictor.explain_arrays(x)
             elapsed = (time.perf_counter() - start) * 1000
         result = self._results([name], x, prediction, elapsed, [(int(rgb.shape[0]), int(rgb.shape[1]))])[0]
+        result.pixel_area_mm2 = pixel_area_mm2
         if gradcam and not result.is_ood:
-            result.overlay = gradcam_overlay(rgb, prediction.outputs.cam[0])
+            result.overlay = _overlay(rgb, prediction, 0, result, self.mask_threshold)
         return result
 
-    def analyze_many(self, items: list[tuple[str, Prepared | np.ndarray | str]], *, gradcam: bool = False
-                     ) -> list[SliceResult]:
+    def analyze_many(self, items: list[tuple[str, Prepared | np.ndarray | str]], *, gradcam: bool = False,
+                     pixel_area_mm2: float | None = None) -> list[SliceResult]:
         """(name, prepared input, decoded RGB or an error message) per input → one result per input, in order.
 
         Good images run through the models in batches; a bad one only fills its own row. `gradcam`: also
@@ -239,10 +277,19 @@ class BrainTumorService:
             for j, (i, result) in enumerate(zip(idx, self._results(names, x, prediction, elapsed, shapes),
                                                 strict=True)):
                 value = items[i][1]
+                result.pixel_area_mm2 = pixel_area_mm2
                 if gradcam and not result.is_ood and isinstance(value, np.ndarray):  # the volume view's slices
-                    result.overlay = gradcam_overlay(value, prediction.outputs.cam[j])
+                    result.overlay = _overlay(value, prediction, j, result, self.mask_threshold)
                 results[i] = result
         return [r for r in results if r is not None]
+
+
+def _overlay(rgb: np.ndarray, prediction: Prediction, row: int, result: SliceResult, threshold: float) -> np.ndarray:
+    """Grad-CAM over the slice, with the segmenter's outline on top when there is one."""
+    shown = gradcam_overlay(rgb, prediction.outputs.cam[row])
+    if result.mask is not None and prediction.outputs.mask_prob is not None:
+        shown = draw_outline(shown, grid_to_image(prediction.outputs.mask_prob[row], *shown.shape[:2]) >= threshold)
+    return shown
 
 
 def _model_input(value: Prepared | np.ndarray, size: int) -> np.ndarray:

@@ -95,6 +95,20 @@ class VolumeAnalysis:
             warnings.append(f"a 4-D file: volume {self.info['volume_index']} of 0..{self.info['n_volumes'] - 1} "
                             "was analysed")
         out["warnings"] = warnings
+        out.update(self._tumour_volume(assessed))
+        return out
+
+    def _tumour_volume(self, assessed: list[int]) -> dict[str, Any]:
+        """The segmenter's tumour volume: segmented area of every assessed slice × the spacing between slices."""
+        areas = [self.slices[i].tumor_area_mm2 for i in assessed]
+        if not assessed or self.slices[assessed[0]].mask is None:
+            return {}
+        out: dict[str, Any] = {"segmented_slices": ranges([i for i in assessed if self.slices[i].tumor_area_px])}
+        thickness = self.info.get("slice_thickness_mm")
+        if thickness and all(a is not None for a in areas):
+            out["tumour_volume_ml"] = round(sum(areas) * thickness / 1000.0, 3)  # type: ignore[arg-type]
+            out["tumour_volume_method"] = ("sum over the assessed slices of the segmented area (mm²) × the spacing "
+                                           f"between slices ({thickness} mm)")
         return out
 
     def slice_json(self, i: int, model_version: str) -> dict[str, Any]:
@@ -126,7 +140,8 @@ def analyze_volume(service: BrainTumorService, volume: Volume, plane: str | None
     for start in range(0, n, chunk):
         rgbs = [volume.slice_rgb(plane, i) for i in range(start, min(n, start + chunk))]
         results = service.analyze_many([(f"{name} [{plane} slice {start + j + 1}/{n}]", rgb)
-                                        for j, rgb in enumerate(rgbs)], gradcam=gradcam)
+                                        for j, rgb in enumerate(rgbs)], gradcam=gradcam,
+                                       pixel_area_mm2=volume.pixel_area_mm2(plane))
         for r in results:
             r.header_plane = header_plane
         slices.extend(results)

@@ -126,7 +126,7 @@ def _view_state(analysis: VolumeAnalysis) -> list[dict[str, Any]]:
             label = {TUMOR_NAMES[k]: v for k, v in r.tumor_probs.items()}
             line = (f"Slice {i + 1}/{n}: {r.summary()}"
                     + (f" ⚠️ The header says {r.header_plane}." if r.header_plane and r.plane != r.header_plane
-                       else ""))
+                       else "") + r.segmentation_note())
         else:
             label = None
             line = f"Slice {i + 1}/{n}: not assessed — {r.summary()}"
@@ -173,6 +173,9 @@ def summary_markdown(analysis: VolumeAnalysis, summary: dict[str, Any]) -> str:
         p = summary["peak"]
         lines.append(f"Highest tumour probability: slice {p['slice']}, {TUMOR_NAMES[p['class']].lower()} "
                      f"{p['probability']:.0%}.")
+    if "tumour_volume_ml" in summary:
+        lines.append(f"**Segmented tumour volume:** {summary['tumour_volume_ml']:.1f} mL "
+                     f"(slices {summary['segmented_slices'] or 'none'}; {summary['tumour_volume_method']}).")
     lines.append(f"*How it was aggregated:* {summary['aggregation']}.")
     lines += [f"⚠️ {w}." for w in summary["warnings"]]
     return "\n\n".join(lines)

@@ -76,13 +76,28 @@ class Volume:
             raise IndexError(f"slice {index} outside 0..{self.shape[axis] - 1}")
         d = self.data
         if plane == "axial":
-            img, rows_mm, cols_mm = d[::-1, ::-1, index], self.spacing[1], self.spacing[0]
+            img = d[::-1, ::-1, index]
         elif plane == "coronal":
-            img, rows_mm, cols_mm = d[::-1, index, ::-1], self.spacing[2], self.spacing[0]
+            img = d[::-1, index, ::-1]
         else:
-            img, rows_mm, cols_mm = d[index, ::-1, ::-1], self.spacing[2], self.spacing[1]
+            img = d[index, ::-1, ::-1]
         img = np.swapaxes(img, 0, 1)  # [cols, rows] → [rows, cols]
-        return _square_pixels(np.ascontiguousarray(img), rows_mm, cols_mm)
+        return _square_pixels(np.ascontiguousarray(img), *self._pixel_mm(plane))
+
+    def _pixel_mm(self, plane: str) -> tuple[float, float]:
+        """(mm between rows, mm between columns) of a cut before resampling."""
+        x, y, z = self.spacing
+        return {"axial": (y, x), "coronal": (z, x), "sagittal": (z, y)}[plane]
+
+    def pixel_area_mm2(self, plane: str) -> float | None:
+        """Area of one pixel of a cut as displayed (after resampling to square pixels), in mm²."""
+        rows_mm, cols_mm = self._pixel_mm(plane)
+        if rows_mm <= 0 or cols_mm <= 0:
+            return None
+        axes = [a for a in range(3) if a != PLANE_AXIS[plane]]
+        h, w = self.shape[axes[1]], self.shape[axes[0]]  # rows run along the second remaining axis
+        out_h, out_w = _square_size(h, w, rows_mm, cols_mm)
+        return h * rows_mm * w * cols_mm / (out_h * out_w)
 
     def slice_rgb(self, plane: str, index: int) -> np.ndarray:
         """One slice as the uint8 RGB HxWx3 that a decoded picture is."""
@@ -92,19 +107,33 @@ class Volume:
         """Facts about the scan and the cut, for answers (geometry and formats only)."""
         return {**self.source, "shape_ras": list(self.shape), "spacing_mm": [round(s, 4) for s in self.spacing],
                 "acquired_plane": self.acquired_plane, "oblique": self.is_oblique, "cut_plane": plane,
-                "n_slices": self.n_slices(plane), "window": [round(float(w), 4) for w in self.window],
+                "n_slices": self.n_slices(plane), "pixel_area_mm2": _rounded(self.pixel_area_mm2(plane)),
+                "slice_thickness_mm": round(self.spacing[PLANE_AXIS[plane]], 4),
+                "window": [round(float(w), 4) for w in self.window],
                 "window_source": self.window_source, "inverted": self.invert}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _square_size(h: int, w: int, rows_mm: float, cols_mm: float) -> tuple[int, int]:
+    """(height, width) of a cut resampled to square pixels (unchanged when they are square within 1 %)."""
+    if rows_mm <= 0 or cols_mm <= 0 or abs(rows_mm / cols_mm - 1) < 0.01:
+        return h, w
+    pixel = min(rows_mm, cols_mm)
+    new_h, new_w = max(1, round(h * rows_mm / pixel)), max(1, round(w * cols_mm / pixel))
+    scale = min(1.0, MAX_DISPLAY_SIDE / max(new_h, new_w))
+    return max(1, round(new_h * scale)), max(1, round(new_w * scale))
 
 
 def _square_pixels(img: np.ndarray, rows_mm: float, cols_mm: float) -> np.ndarray:
     """Resample so a pixel is as tall as it is wide (a sagittal cut of 5 mm slices is not squashed)."""
-    if rows_mm <= 0 or cols_mm <= 0 or abs(rows_mm / cols_mm - 1) < 0.01:
-        return img
-    pixel = min(rows_mm, cols_mm)
     h, w = img.shape[:2]
-    new_h, new_w = max(1, round(h * rows_mm / pixel)), max(1, round(w * cols_mm / pixel))
-    scale = min(1.0, MAX_DISPLAY_SIDE / max(new_h, new_w))
-    size = (max(1, round(new_w * scale)), max(1, round(new_h * scale)))
+    out_h, out_w = _square_size(h, w, rows_mm, cols_mm)
+    if (out_h, out_w) == (h, w):
+        return img
+    size = (out_w, out_h)
     if img.ndim == 2:
         return np.asarray(Image.fromarray(img.astype(np.float32), "F").resize(size, Image.Resampling.BILINEAR))
     return np.stack([_square_pixels(img[..., c], rows_mm, cols_mm) for c in range(img.shape[2])], axis=-1)
