@@ -14,6 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from test_app import EXAMPLES, _check_answer, _labels_from_name, client, server  # noqa: F401 - fixtures
 
+from braintumor_flax.data.masks import rle_decode
 from braintumor_flax.data.medical.writers import (
     identifying_elements,
     searchable,
@@ -197,3 +198,22 @@ def test_a_header_that_disagrees_with_the_model_is_a_warning(client, tmp_path): 
     rv = client.predict(handle_file(str(lying)), api_name="/predict_volume")
     assert rv["summary"]["header_plane"] == "axial" and rv["summary"]["model_plane"] == "sagittal"
     assert any("header says these are axial" in w for w in rv["summary"]["warnings"])
+
+
+def test_dicom_tumour_area_in_mm2_from_its_pixel_spacing(client, tmp_path):  # noqa: F811
+    example = next(e for e in EXAMPLES if "_me_" in e.name)
+    grey = _grey(example)
+    path = write_dicom_series(tmp_path / "half_mm", [grey], _labels_from_name(example)[1], pixel_spacing=0.5)[0]
+    seg = client.predict(handle_file(str(path)), api_name="/predict")["segmentation"]
+    mask = rle_decode(seg["mask_rle"])
+    assert mask.shape == grey.shape and int(mask.sum()) == seg["area_px"] > 0
+    assert seg["area_mm2"] == pytest.approx(0.25 * seg["area_px"], abs=1e-3)  # 0.5 mm x 0.5 mm pixels
+
+
+def test_volume_tumour_volume_is_the_sum_of_slice_areas_times_spacing(client, files):  # noqa: F811
+    r = client.predict(handle_file(str(files["volume.nii.gz"])), "as acquired", 0, api_name="/predict_volume")
+    summary = r["summary"]
+    thickness = r["volume"]["slice_thickness_mm"]
+    areas = [s["segmentation"]["area_mm2"] for s in r["slices"] if s["ok"] and not s["ood"]]
+    assert areas and summary["tumour_volume_ml"] == pytest.approx(sum(areas) * thickness / 1000, abs=2e-3)
+    assert str(thickness) in summary["tumour_volume_method"]

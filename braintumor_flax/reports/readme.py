@@ -101,6 +101,44 @@ def ood_markdown(ood: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source
 
 
+def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> str:
+    """One row per evaluated checkpoint (its results metrics.json and, when present, its config.json): test
+    figures next to the validation figure that chose it and what training it cost."""
+    lines = ["| recipe | checkpoint | val tumour acc | BRISC tumour acc [95% CI] | BRISC meningioma recall | "
+             "Kaggle tumour acc [95% CI] | Kaggle meningioma recall | BRISC view acc | training |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for metrics, config in runs:
+        meta, tumor, view = metrics.get("meta", {}), metrics.get("tumor", {}), metrics.get("view", {})
+
+        def acc(m: dict[str, Any] | None) -> str:
+            if not m:
+                return "—"
+            lo, hi = m["accuracy_ci95"]
+            return f"{m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+        def recall(m: dict[str, Any] | None) -> str:
+            return f"{m['per_class']['meningioma']['recall']:.3f}" if m else "—"
+
+        training = (config or {}).get("training") or {}
+        val, cost = "—", "—"
+        for stage in ("shared", "tumor"):
+            kept = [h for h in training.get("history", {}).get(stage, []) if "val_accuracy" in h]
+            if kept:
+                val = f"{kept[-1]['val_accuracy']:.3f}"
+                break
+        if training.get("timings_s", {}).get("total_s"):
+            cost = f"{training['timings_s']['total_s'] / 60:.0f} min, {training.get('machine', '?')}"
+        vb = view.get("brisc2025_test")
+        view_acc = f"{vb['accuracy']:.3f}" if vb else "—"
+        lines.append(f"| {meta.get('recipe', '?')} | `{meta.get('checkpoint', '?')}` | {val} | "
+                     f"{acc(tumor.get('brisc2025_test'))} | {recall(tumor.get('brisc2025_test'))} | "
+                     f"{acc(tumor.get('kaggle_test'))} | {recall(tumor.get('kaggle_test'))} | {view_acc} | {cost} |")
+    lines += ["", "_Generated from each run's `metrics.json` (`python -m braintumor_flax.evaluation`) and its "
+              "checkpoint's `config.json` (validation accuracy of the kept epoch, training time and machine). "
+              "Do not edit this block by hand._"]
+    return "\n".join(lines)
+
+
 def _ci(m: dict[str, Any], digits: int = 3) -> str:
     if m.get("mean") is None:
         return "—"
@@ -250,6 +288,11 @@ def load_json(path: str | Path) -> dict[str, Any] | None:
 
 
 
+def _checkpoint_config(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    folder = metrics.get("meta", {}).get("checkpoint")
+    return load_json(Path(folder) / "config.json") if folder else None
+
+
 def render_model_card_for(checkpoint: str | Path) -> str:
     """The model card of a checkpoint folder from its config.json and metrics.json (weights not loaded)."""
     folder = Path(checkpoint)
@@ -268,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="benchmarks/bench_inference.py output")
     ap.add_argument("--segmentation", default="results/segmentation.json",
                     help="python -m braintumor_flax.evaluation.segmentation output")
+    ap.add_argument("--recipes", default="results/metrics.json,results/shared-frozen3/metrics.json",
+                    help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--checkpoint", default="checkpoints", help="checkpoint folder whose model card to regenerate")
     ap.add_argument("--check", action="store_true", help="only check that README and model card are up to date")
@@ -284,10 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{readme}: no {START} ... {END} markers", file=sys.stderr)
             return 1
         # Optional blocks: regenerated when both their markers and their source JSON are there.
+        runs = [(m, _checkpoint_config(m)) for m in (load_json(p) for p in args.recipes.split(",") if p) if m]
         ood, bench_app, bench_inference, seg = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference,
                                                                         args.segmentation))
         optional = {"ood": ood_markdown(ood) if ood else None,
                     "segmentation": segmentation_markdown(seg) if seg else None,
+                    "recipes": recipes_markdown(runs) if runs else None,
                     "serving": serving_markdown(bench_app, bench_inference) if bench_app or bench_inference else None}
         for name, body in optional.items():
             start_marker, end_marker = markers(name)
