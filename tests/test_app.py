@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from braintumor_flax.data.masks import read_mask, rle_decode
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES, normalize_plane, normalize_tumor
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, PROJECT_ROOT
 
@@ -201,6 +202,27 @@ def test_predict_classifies_clear_brisc_test_slices(client, example):
     assert r["ood"] is False, r["ood_details"]
     assert (r["tumor"]["label"], r["plane"]["label"]) == (tumour, plane), r
     assert r["file"] == example.name
+
+
+def test_predict_outlines_tumours_where_the_expert_masks_are(client):
+    """The served segmenter against BRISC's expert masks of the example slices (test images, never trained on)."""
+    masks_dir = PROJECT_ROOT.parent / "shared" / "data" / "brisc2025" / "segmentation_task" / "test" / "masks"
+    if not masks_dir.is_dir():
+        pytest.skip("shared BRISC masks not present")
+    dice = []
+    for example in EXAMPLES:
+        r = client.predict(handle_file(str(example)), api_name="/predict")
+        seg = r["segmentation"]
+        predicted = rle_decode(seg["mask_rle"])
+        assert predicted.shape == Image.open(example).size[::-1] and int(predicted.sum()) == seg["area_px"]
+        assert seg["area_mm2"] is None  # a picture states no pixel spacing
+        truth_file = masks_dir / f"{example.stem}.png"
+        if truth_file.is_file():
+            truth = read_mask(truth_file)
+            dice.append(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
+        else:  # the no-tumour example: at most a speck
+            assert seg["area_px"] < 0.01 * predicted.size, seg["area_px"]
+    assert len(dice) == 5 and np.mean(dice) > 0.6, dice
 
 
 def test_analyze_returns_labels_gradcam_and_summary(client):

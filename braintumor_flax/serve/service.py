@@ -46,13 +46,11 @@ class SliceResult:
     error: str | None = None
     compute_ms: float | None = None
     header_plane: str | None = None  # the plane a DICOM / NIfTI header states (None: a picture, or unstated)
-    # The segmenter's answer on the input's own pixels (None: no segmenter, an error, or OOD).
-    mask: np.ndarray | None = dataclasses.field(default=None, repr=False)  # bool [H, W]
+    # The segmenter's answer on the input's own pixels (None: no segmenter, an error, or OOD), kept run-length
+    # encoded: a batch of large images never holds one full-size mask per row.
+    tumor_area_px: int | None = None
+    mask_rle: dict[str, list[int]] | None = dataclasses.field(default=None, repr=False)
     pixel_area_mm2: float | None = None  # known for DICOM / NIfTI (pixel spacing in the header)
-
-    @property
-    def tumor_area_px(self) -> int | None:
-        return None if self.mask is None else int(self.mask.sum())
 
     @property
     def tumor_area_mm2(self) -> float | None:
@@ -127,10 +125,10 @@ class SliceResult:
             out["header_plane"] = self.header_plane
             out["plane_warning"] = (None if self.plane == self.header_plane else
                                     f"the file's header says {self.header_plane}, the model sees {self.plane}")
-        if self.mask is not None:
+        if self.mask_rle is not None:
             mm2 = self.tumor_area_mm2
             out["segmentation"] = {"area_px": self.tumor_area_px, "area_mm2": None if mm2 is None else round(mm2, 3),
-                                   "mask_rle": rle_encode(self.mask)}
+                                   "mask_rle": self.mask_rle}
         if self.compute_ms is not None:
             out["compute_ms"] = round(self.compute_ms, 1)
         return out
@@ -230,7 +228,8 @@ class BrainTumorService:
         if outputs.mask_prob is not None:
             for result, prob, shape in zip(results, outputs.mask_prob, shapes, strict=True):
                 if not result.is_ood:  # no mask for what does not look like a brain slice
-                    result.mask = grid_to_image(prob, *shape) >= self.mask_threshold
+                    mask = grid_to_image(prob, *shape) >= self.mask_threshold
+                    result.tumor_area_px, result.mask_rle = int(mask.sum()), rle_encode(mask)
         return results
 
     def analyze(self, rgb: np.ndarray, *, name: str = "image", gradcam: bool = True,
@@ -287,7 +286,7 @@ class BrainTumorService:
 def _overlay(rgb: np.ndarray, prediction: Prediction, row: int, result: SliceResult, threshold: float) -> np.ndarray:
     """Grad-CAM over the slice, with the segmenter's outline on top when there is one."""
     shown = gradcam_overlay(rgb, prediction.outputs.cam[row])
-    if result.mask is not None and prediction.outputs.mask_prob is not None:
+    if result.tumor_area_px is not None and prediction.outputs.mask_prob is not None:
         shown = draw_outline(shown, grid_to_image(prediction.outputs.mask_prob[row], *shown.shape[:2]) >= threshold)
     return shown
 

@@ -223,7 +223,7 @@ def _strip_source(message: str) -> str:
 TABLE_HEADERS = ["file", "status", "plane", "plane confidence", "tumour", "tumour confidence", "note"]
 CSV_HEADERS = (["file", "status", "plane", "plane_confidence"] + [f"p_{p}" for p in PLANES]
                + ["tumor", "tumor_confidence"] + [f"p_{t}" for t in TUMOR_CLASSES]
-               + ["ood", "ood_score", "note"])
+               + ["ood", "ood_score", "tumour_area_px", "note"])
 
 
 def table_rows(results: list[Any]) -> list[list[Any]]:
@@ -276,6 +276,7 @@ def write_csv(results: list[Any], folder: str | Path | None = None) -> Path:
                         f"{r.plane_probs[r.plane]:.4f}"] + [f"{r.plane_probs[p]:.4f}" for p in PLANES]
                        + ["" if flagged else r.tumor, f"{r.tumor_probs[r.tumor]:.4f}"]
                        + [f"{r.tumor_probs[t]:.4f}" for t in TUMOR_CLASSES]
-                       + [int(flagged), f"{r.ood.score:.3f}", "; ".join(r.ood.reasons)])
+                       + [int(flagged), f"{r.ood.score:.3f}",
+                          "" if r.tumor_area_px is None else r.tumor_area_px, "; ".join(r.ood.reasons)])
             writer.writerow([_csv_safe(v) for v in row])
     return path

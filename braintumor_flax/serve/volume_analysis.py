@@ -101,7 +101,7 @@ class VolumeAnalysis:
     def _tumour_volume(self, assessed: list[int]) -> dict[str, Any]:
         """The segmenter's tumour volume: segmented area of every assessed slice × the spacing between slices."""
         areas = [self.slices[i].tumor_area_mm2 for i in assessed]
-        if not assessed or self.slices[assessed[0]].mask is None:
+        if not assessed or self.slices[assessed[0]].tumor_area_px is None:
             return {}
         out: dict[str, Any] = {"segmented_slices": ranges([i for i in assessed if self.slices[i].tumor_area_px])}
         thickness = self.info.get("slice_thickness_mm")
