@@ -147,6 +147,8 @@ class BrainTumorPipeline(
         self.metrics: dict[str, Any] = dict(metrics or {})
         self.segmenter: TumorSegmenter | None = None
         self.segmentation_record: dict[str, Any] = {}
+        # "float16" halves a checkpoint (benchmarks/compare_precision.py measures what it changes).
+        self.storage_dtype = "float32"
         if segmenter is not None:
             self.attach_segmenter(segmenter, segmentation_record or {})
 
@@ -185,8 +187,11 @@ class BrainTumorPipeline(
                if self.segmenter is not None else {}),
         }
 
-    def _save_pretrained(self, save_directory: Path, *, dtype: str = "float32") -> None:
+    def _save_pretrained(self, save_directory: Path, *, dtype: str | None = None) -> None:
+        """Write the folder; weights in `dtype`, default the pipeline's `storage_dtype` (loading computes in
+        float32 whatever is stored)."""
         save_directory = Path(save_directory)
+        dtype = dtype or self.storage_dtype
         view, tumor = flat_params(self.view_model), flat_params(self.tumor_model)
         shared, view_only, tumor_only = split_shared(view, tumor)
         split = self.view_model.config.lower_blocks
@@ -246,5 +251,9 @@ class BrainTumorPipeline(
             params = load_file(str(folder / SEGMENTATION_FILE))
             segmenter = segmenter_from_params(config["segmentation"]["config"], params)
             record = config["segmentation"].get("training", {})
-        return cls(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config),
-                   metrics=_read_json(folder / "metrics.json"), segmenter=segmenter, segmentation_record=record)
+        pipeline = cls(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config),
+                       metrics=_read_json(folder / "metrics.json"), segmenter=segmenter, segmentation_record=record)
+        # Saved again (evaluation writing its metrics), a float16 checkpoint stays float16: no new weight blobs.
+        if any(v.dtype == np.float16 for v in shared.values()):
+            pipeline.storage_dtype = "float16"
+        return pipeline

@@ -46,6 +46,30 @@ def test_round_trip_predicts_identically(pipeline, tmp_path):
     assert config["models"]["tumor"]["class_names"] == ["glioma", "meningioma", "no_tumor", "pituitary"]
 
 
+def test_float16_storage_halves_the_files_and_stays_float16_when_saved_again(pipeline, tmp_path):
+    from safetensors.numpy import load_file
+
+    pipeline.save_pretrained(tmp_path / "fp32")
+    pipeline.storage_dtype = "float16"
+    try:
+        pipeline.save_pretrained(tmp_path / "fp16")
+    finally:
+        pipeline.storage_dtype = "float32"
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).rglob("*.safetensors") if f.name != "ood.safetensors")
+            for d in ("fp32", "fp16")}
+    assert 0.49 < size["fp16"] / size["fp32"] < 0.51
+    loaded = BrainTumorPipeline.from_pretrained(tmp_path / "fp16")
+    assert loaded.storage_dtype == "float16"
+    assert all(v.dtype == np.float32 for v in flat_params(loaded.view_model).values())  # computed in float32
+    images = jax.random.randint(jax.random.key(0), (2, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    for a, b in zip(_predict(pipeline, images), _predict(loaded, images), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
+    loaded.save_pretrained(tmp_path / "again")
+    for name in ("shared.safetensors", "tumor/model.safetensors"):
+        assert {v.dtype for v in load_file(str(tmp_path / "again" / name)).values()} == {np.dtype(np.float16)}
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "fp16" / name).read_bytes()
+
+
 def test_shared_blocks_stored_once(pipeline, tmp_path):
     from safetensors.numpy import load_file
 

@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT_DIR, help="classifier checkpoint to extend")
     p.add_argument("--data-dir", type=Path, default=None, help="dataset folder (default ../shared/data)")
     p.add_argument("--out", type=Path, default=None, help="where to save (default: over --checkpoint)")
+    p.add_argument("--segmenter-from", type=Path, default=None,
+                   help="take the decoder of this checkpoint instead of training one (it must have been trained on "
+                        "the same VGG blocks 1-3)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                   help="storage precision of the saved checkpoint (default: float32)")
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("max-images", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
     args = p.parse_args(argv)
@@ -223,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
                  and v is not None}
     config = dataclasses.replace(SegTrainConfig(), **overrides)
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
+    if args.dtype:
+        pipeline.storage_dtype = args.dtype
+    if args.segmenter_from is not None:
+        donor = BrainTumorPipeline.from_pretrained(args.segmenter_from)
+        if donor.segmenter is None:
+            raise SystemExit(f"{args.segmenter_from} has no segmenter")
+        pipeline.attach_segmenter(donor.segmenter, donor.segmentation_record)
+        pipeline.save_pretrained(args.out or args.checkpoint)
+        return 0
     # The classifier's own split (same validation fraction and seed), so no test image or duplicate trains it.
     trained = TrainConfig.from_record(pipeline.info.training)
     data_dir = args.data_dir or default_data_dir()
