@@ -114,7 +114,7 @@ def _stats(ms: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "checkpoints"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints-shared-trunk"))
     ap.add_argument("--latency-calls", type=int, default=30)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests-per-client", type=int, default=25)

@@ -30,7 +30,7 @@ from bench_common import machine, write_json  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", required=True, help="another checkout of the project (A)")
-    ap.add_argument("--model", default=str(ROOT / "checkpoints"), help="the checkpoint both apps serve")
+    ap.add_argument("--model", default=str(ROOT / "checkpoints-shared-trunk"), help="the checkpoint both apps serve")
     ap.add_argument("--calls", type=int, default=60, help="calls per app and endpoint")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_app_ab.json"))
     args = ap.parse_args(argv)

@@ -51,7 +51,7 @@ def _checkout(commit: str, dest: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", default="0d244ca")
-    ap.add_argument("--model", default=str(ROOT / "checkpoints"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints-shared-trunk"))
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hardening_ab.json"))
     args = ap.parse_args(argv)

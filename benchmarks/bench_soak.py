@@ -286,7 +286,7 @@ def classify(kind: str, spec: dict, outcome: tuple[str, object], refs: dict) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "checkpoints"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints-shared-trunk"))
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--headroom-gb", type=float, default=1.5, help="address space allowed above the idle server's")

@@ -87,7 +87,7 @@ def header_planes(work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "checkpoints"))
+    ap.add_argument("--model", default=str(ROOT / "checkpoints-shared-trunk"))
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--skip-planes", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_volume.json"))

@@ -40,7 +40,7 @@ def load_rounded_to_fp16(folder: Path) -> BrainTumorPipeline:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints-shared-trunk")
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare_precision.json")
     args = ap.parse_args()

@@ -7,7 +7,11 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
-DEFAULT_CHECKPOINT_DIR = PROJECT_ROOT / "checkpoints"
+# The served model (app, API, evaluation default): the shared-trunk model, chosen on validation over the faithful
+# two-network model, which stays in checkpoints/ (with its ablation in checkpoints-no-view/).
+SERVED_CHECKPOINT_NAME = "checkpoints-shared-trunk"
+DEFAULT_CHECKPOINT_DIR = PROJECT_ROOT / SERVED_CHECKPOINT_NAME
+FAITHFUL_CHECKPOINT_DIR = PROJECT_ROOT / "checkpoints"
 
 
 def cache_dir(*parts: str) -> Path:

@@ -157,16 +157,18 @@ def test_push_space_uploads_the_app_and_nothing_else(monkeypatch):
                                     {"repo_type": "space", "space_sdk": "gradio", "private": False, "exist_ok": True})
     repo_id, uploaded, kwargs = calls["upload"]
     assert kwargs["repo_type"] == "space" and "variable" not in calls
-    assert {"app.py", "requirements.txt", "README.md", "braintumor_flax/serve/app_ui.py", "checkpoints/config.json",
-            "checkpoints/shared.safetensors", "checkpoints/tumor/model.safetensors"} <= uploaded
+    served = "checkpoints-shared-trunk"
+    assert {"app.py", "requirements.txt", "README.md", "braintumor_flax/serve/app_ui.py", f"{served}/config.json",
+            f"{served}/shared.safetensors", f"{served}/tumor/model.safetensors"} <= uploaded
     assert any(f.startswith("examples/") for f in uploaded)
-    assert not any(f.startswith(("tests/", "results/", "runs/", ".venv/", ".git/", "checkpoints-no-view/"))
+    assert not any(f.startswith(("tests/", "results/", "runs/", ".venv/", ".git/", "checkpoints/",
+                                 "checkpoints-no-view/"))
                    or "__pycache__" in f for f in uploaded)
 
     calls.clear()
     space.push_space("someone/braintumor-demo", model="someone/braintumor-flax-vgg16", root=PROJECT_ROOT)
     assert calls["variable"] == ("someone/braintumor-demo", "BRAINTUMOR_FLAX_MODEL", "someone/braintumor-flax-vgg16")
-    assert not any(f.startswith("checkpoints/") for f in calls["upload"][1]) and "app.py" in calls["upload"][1]
+    assert not any(f.startswith("checkpoints") for f in calls["upload"][1]) and "app.py" in calls["upload"][1]
 
 
 def test_from_pretrained_with_a_repo_id_downloads_the_checkpoint_files(pipeline, tmp_path, monkeypatch):

@@ -101,6 +101,11 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     pipeline.save_pretrained(tmp_path / "ckpt")
     loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
     assert loaded.segmenter is not None and loaded.segmentation_record["kept_epoch"] == record["kept_epoch"]
+    # Stored in float16, the trunk is the same blocks 1-3 for the decoder (its digest is taken at that precision).
+    loaded.storage_dtype = "float16"
+    loaded.save_pretrained(tmp_path / "ckpt16")
+    loaded.storage_dtype = "float32"
+    assert BrainTumorPipeline.from_pretrained(tmp_path / "ckpt16").segmenter is not None
     forward = Forward.from_pipeline(loaded, batch_size=8)
     val = data.splits["val"]
     served = forward(val.images, segment=True)

@@ -34,12 +34,14 @@ def load_flat_params(model: nnx.Module, params: dict[str, np.ndarray]) -> None:
     nnx.update(model, nnx.from_flat_state(flat))
 
 
-def weights_digest(*models: nnx.Module, blocks: int | None = None, salt: str = "", prefix: str = "vgg.") -> str:
+def weights_digest(*models: nnx.Module, blocks: int | None = None, salt: str = "", prefix: str = "vgg.",
+                   rounded_to: str | None = None) -> str:
     """sha256 (hex) over every parameter's name and bytes, model by model: changes exactly when the weights do.
 
     `blocks=k` hashes only VGG blocks 1..k (the lower stage), to key caches of their outputs; `salt` adds
     whatever else shapes what the hash stands for (image size, preprocessing). `prefix`: where the VGG sits in
-    the models ("" for a bare VGG16).
+    the models ("" for a bare VGG16). `rounded_to="float16"` hashes the values rounded to float16, so one set of
+    weights has one digest whether a checkpoint stores it in float32 or float16.
     """
     h = hashlib.sha256(salt.encode())
     prefixes = None if blocks is None else tuple(f"{prefix}block{b}_" for b in range(1, blocks + 1))
@@ -47,7 +49,7 @@ def weights_digest(*models: nnx.Module, blocks: int | None = None, salt: str = "
         for name, value in sorted(flat_params(model).items()):
             if prefixes is None or name.startswith(prefixes):
                 h.update(name.encode())
-                h.update(np.ascontiguousarray(value).data)
+                h.update(np.ascontiguousarray(value if rounded_to is None else value.astype(rounded_to)).data)
     return h.hexdigest()
 
 

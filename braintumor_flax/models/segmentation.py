@@ -126,5 +126,5 @@ def build_segmenter(config: SegmentationConfig, *, seed: int = 0) -> TumorSegmen
 
 def trunk_digest(vgg: VGG16) -> str:
     """Identity of the VGG blocks the decoder reads (a classifier's `.vgg` or a bare VGG16): a decoder serves
-    only on the blocks it was trained on."""
-    return weights_digest(vgg, blocks=ENCODER_BLOCKS, prefix="")
+    only on the blocks it was trained on. Taken at float16 precision: storing a checkpoint in float16 keeps it."""
+    return weights_digest(vgg, blocks=ENCODER_BLOCKS, prefix="", rounded_to="float16")

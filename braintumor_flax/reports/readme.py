@@ -29,7 +29,8 @@ from braintumor_flax.reports.tables import (
 )
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None) -> str:
+def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None,
+                     source_file: str = "results/metrics.json") -> str:
     """The whole generated block: tables plus where the numbers came from."""
     meta = metrics.get("meta", {})
     calib = metrics.get("calibration", {})
@@ -55,7 +56,7 @@ def results_markdown(metrics: dict[str, Any], peer: dict[str, Any] | None = None
         parts.append("\n".join(f"- {n}" for n in notes))
     boot = meta.get("bootstrap", {})
     command = meta.get("command", "python -m braintumor_flax.evaluation")
-    source = [f"Generated from `results/metrics.json` by `{command}`"]
+    source = [f"Generated from `{source_file}` by `{command}`"]
     if meta.get("checkpoint_fingerprint"):
         source.append(f"checkpoint `{meta['checkpoint_fingerprint']}`")
     if meta.get("dataset_hash"):
@@ -311,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="benchmarks/bench_inference.py output")
     ap.add_argument("--segmentation", default="results/segmentation.json",
                     help="python -m braintumor_flax.evaluation.segmentation output")
-    ap.add_argument("--recipes", default="results/metrics.json,results/shared-frozen3/metrics.json",
+    ap.add_argument("--served", default="results/shared-frozen3/metrics.json",
+                    help="the served model's metrics.json (its own generated block)")
+    ap.add_argument("--recipes", default="results/shared-frozen3/metrics.json,results/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--readme", default="README.md")
-    ap.add_argument("--checkpoint", default="checkpoints", help="checkpoint folder whose model card to regenerate")
+    ap.add_argument("--checkpoint", default="checkpoints-shared-trunk",
+                    help="checkpoint folder whose model card to regenerate")
     ap.add_argument("--check", action="store_true", help="only check that README and model card are up to date")
     args = ap.parse_args(argv)
 
@@ -329,12 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{readme}: no {START} ... {END} markers", file=sys.stderr)
             return 1
         # Optional blocks: regenerated when both their markers and their source JSON are there.
+        served = load_json(args.served)
         runs = [(m, _checkpoint_config(m)) for m in (load_json(p) for p in args.recipes.split(",") if p) if m]
         ood, bench_app, bench_inference, seg = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference,
                                                                         args.segmentation))
         optional = {"ood": ood_markdown(ood) if ood else None,
                     "segmentation": segmentation_markdown(seg) if seg else None,
                     "recipes": recipes_markdown(runs) if runs else None,
+                    "served": results_markdown(served, source_file=args.served) if served else None,
                     "serving": serving_markdown(bench_app, bench_inference) if bench_app or bench_inference else None}
         for name, body in optional.items():
             start_marker, end_marker = markers(name)

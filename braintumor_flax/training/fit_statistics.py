@@ -23,6 +23,7 @@ from braintumor_flax.data.splits import PreparedData
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.models.forward import Forward
 from braintumor_flax.ood import fit_ood, pool_lower
+from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.pipeline import lower_features
 
@@ -79,7 +80,7 @@ def prepare_training_data(pipeline: BrainTumorPipeline, data_dir: str | Path | N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Fit calibration temperatures and OOD statistics into a checkpoint.")
-    p.add_argument("--checkpoint", type=Path, default=Path("checkpoints"))
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT_DIR)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write here instead of in place")
     args = p.parse_args(argv)
