@@ -19,6 +19,7 @@ import functools
 import os
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,6 +39,20 @@ def cpu_compiler_options() -> dict[str, str]:
     except PackageNotFoundError:
         return {}
     return dict(_YNN_OFF)
+
+
+def cpu_model() -> str:
+    """The CPU's model name: figures are comparable only on one CPU model (AVX2 and AVX-512 machines differ)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def cpu_jit(fn: Callable, **jit_kwargs: Any) -> Callable:

@@ -173,7 +173,8 @@ def segmentation_markdown(seg: dict[str, Any]) -> str:
                   f"{g['random_baseline']:.3f} |"]
     training = seg.get("training", {})
     lines += ["", f"_Generated from `results/segmentation.json` (`python -m braintumor_flax.evaluation.segmentation "
-              f"--checkpoint checkpoints --data-dir ../shared/data --out results`): measured on {seg['measured_on']}; "
+              f"--checkpoint {seg.get('checkpoint', 'checkpoints-shared-trunk')} --data-dir ../shared/data --out "
+              f"results`): measured on {seg['measured_on']}; "
               f"mask threshold {seg['threshold']}, model grid {seg['image_size']} px; decoder trained on "
               f"{training.get('train_images', '?')} slices for {training.get('config', {}).get('epochs', '?')} "
               f"epochs (kept epoch {training.get('kept_epoch', '?')}, chosen on validation Dice), "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -36,6 +36,7 @@ from braintumor_flax.models.shared_trunk import build_shared_trunk
 from braintumor_flax.paths import cache_dir
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.steps import Model, StepSettings, TrainState, eval_step, make_optimizer, train_step
+from braintumor_flax.xla import cpu_model
 
 
 @dataclasses.dataclass
@@ -289,8 +290,7 @@ def _training_record(config: TrainConfig, data: PreparedData, history: dict[str,
         recipe=config.recipe, config=config.to_dict(), dataset_hash=data.dataset_hash,
         data_summary=f"split sizes after deduplication {counts}", history=history,
         timings_s={k: round(v, 1) for k, v in timings.items()},
-        machine=f"{platform.machine()} {platform.processor() or ''} ×{jax.local_device_count()} "
-                f"{jax.devices()[0].platform}".strip(),
+        machine=f"{cpu_model()}, {os.cpu_count()} cores, {jax.local_device_count()} × {jax.devices()[0].platform}",
         jax_version=jax.__version__)
 
 
