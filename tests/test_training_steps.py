@@ -100,6 +100,9 @@ def test_shared_trunk_run_serves_one_trunk(data, tmp_path, tmp_cache, frozen_blo
     predictor = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8)
     assert predictor.pipeline.shares_trunk and predictor.forward.share_trunk
     assert predictor.pipeline.view_model.config.lower_blocks == (frozen_blocks or 4)  # saved in config.json
+    # The OOD check reads the pooled lower output, whatever its width (block 3: 256 / 16 here).
+    assert predictor.pipeline.info.ood["feature"] == "lower_gap"
+    assert predictor.pipeline.info.ood["feature_dim"] == predictor.pipeline.view_model.config.lower_shape[-1]
     assert predictor.pipeline.view_model.vgg is not predictor.pipeline.tumor_model.vgg  # loaded: equal copies
     val = data.splits["val"]
     served = predictor.explain_arrays(val.images)

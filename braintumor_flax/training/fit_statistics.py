@@ -53,7 +53,9 @@ def fit_ood_statistics(pipeline: BrainTumorPipeline, data: PreparedData, *, batc
     train_lower = lower_features(pipeline.view_model, train, batch_size=batch_size)
     if val_lower is None:
         val_lower = lower_features(pipeline.view_model, val, batch_size=batch_size)
-    return fit_ood(pool_lower(train_lower), None, calibration_features=pool_lower(val_lower), images=train.images)
+    # Named, not inferred from the width: block 3's output (a blocks 1-3 split) is 256 wide, not 512.
+    return fit_ood(pool_lower(train_lower), None, calibration_features=pool_lower(val_lower), images=train.images,
+                   feature="lower_gap")
 
 
 def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData, *, batch_size: int = 64) -> CheckpointInfo:
