@@ -105,7 +105,8 @@ def _result(name, *, error=None, ood=False):
     probs_t = {"glioma": 0.1, "meningioma": 0.6, "no_tumor": 0.2, "pituitary": 0.1}
     ood_result = SimpleNamespace(flag=ood, score=2.0 if ood else 0.1, reasons=["colour"] if ood else [])
     return SimpleNamespace(name=name, ok=error is None, error=error, is_ood=ood, ood=ood_result,
-                           plane="axial", tumor="meningioma", plane_probs=probs_p, tumor_probs=probs_t)
+                           plane="axial", tumor="meningioma", plane_probs=probs_p, tumor_probs=probs_t,
+                           tumor_area_px=None if ood else 120)
 
 
 def test_counts_and_csv_defuse_formulas(tmp_path):
@@ -119,6 +120,8 @@ def test_counts_and_csv_defuse_formulas(tmp_path):
     assert rows[0] == batch.CSV_HEADERS
     assert rows[1][0].startswith("'=")  # not a live formula in a spreadsheet
     assert rows[2][1] == "not_mri" and rows[2][2] == "" and rows[3][-1] == "corrupt"
+    area = batch.CSV_HEADERS.index("tumour_area_px")
+    assert (rows[1][area], rows[2][area]) == ("120", "")  # no area for what does not look like a brain slice
     assert len(batch.table_rows(results)) == 3
 
 
