@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
-
-def cpu_model() -> str:
-    """The CPU's model name (figures are comparable only on one CPU model: AVX2 and AVX-512 machines differ)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from braintumor_flax.xla import cpu_model  # the one CPU-name reader (training records use it too)
 
 
 def machine(loadavg_start: list[float] | None = None) -> dict[str, Any]:

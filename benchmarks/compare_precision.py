@@ -23,11 +23,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import machine, write_json  # noqa: E402
 
 from braintumor_flax.calibration import softmax  # noqa: E402
-from braintumor_flax.data.datasets import prepare  # noqa: E402
 from braintumor_flax.hub import BrainTumorPipeline  # noqa: E402
 from braintumor_flax.models.forward import Forward  # noqa: E402
 from braintumor_flax.models.params import flat_params, load_flat_params  # noqa: E402
-from braintumor_flax.training.config import TrainConfig  # noqa: E402
+from braintumor_flax.training.fit_statistics import prepare_training_data  # noqa: E402
 
 
 def load_rounded_to_fp16(folder: Path) -> BrainTumorPipeline:
@@ -47,9 +46,7 @@ def main() -> int:
     load0 = [round(v, 2) for v in os.getloadavg()]
     fp32 = BrainTumorPipeline.load_folder(args.checkpoint)
     fp16 = load_rounded_to_fp16(args.checkpoint)
-    trained = TrainConfig.from_record(fp32.info.training)
-    data = prepare(args.data_dir, image_size=fp32.view_model.config.image_size, val_fraction=trained.val_fraction,
-                   seed=trained.seed)
+    data = prepare_training_data(fp32, args.data_dir)
     t_view, t_tumor = fp32.info.calibration.view_temperature, fp32.info.calibration.tumor_temperature
     results = {}
     t0 = time.perf_counter()

@@ -33,11 +33,6 @@ from braintumor_flax.models.forward import Forward
 TEST_SPLITS = ("test_brisc2025", "test_kaggle")
 
 
-def _upsample(cam: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(np.asarray(cam, np.float32), mode="F").resize((size, size),
-                                                                                   Image.Resampling.BILINEAR))
-
-
 def _mean_ci(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
     values = np.asarray(values, np.float64)
     if not len(values):
@@ -69,7 +64,7 @@ def slice_rows(split: Split, data_dir: Path, forward: Forward, threshold: float)
         if tumour:
             row["dice"] = 2 * inter / (pred.sum() + truth.sum())
             row["iou"] = inter / union
-            cam = _upsample(out.cam[j], size)
+            cam = grid_to_image(out.cam[j], size, size)  # the coarse map, bilinear onto the model grid
             grid_mask = grid_masks[i]
             row["cam_peak_inside"] = bool(grid_mask.flat[int(np.argmax(cam))])
             row["cam_energy_inside"] = float(cam[grid_mask].sum() / cam.sum()) if cam.sum() > 0 else 0.0

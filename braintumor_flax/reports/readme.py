@@ -26,6 +26,7 @@ from braintumor_flax.reports.tables import (
     peer_table,
     per_class_table,
     per_plane_table,
+    with_ci,
 )
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -112,10 +113,7 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
         meta, tumor, view = metrics.get("meta", {}), metrics.get("tumor", {}), metrics.get("view", {})
 
         def acc(m: dict[str, Any] | None) -> str:
-            if not m:
-                return "—"
-            lo, hi = m["accuracy_ci95"]
-            return f"{m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+            return with_ci(m["accuracy"], m.get("accuracy_ci95")) if m else "—"
 
         def recall(m: dict[str, Any] | None) -> str:
             return f"{m['per_class']['meningioma']['recall']:.3f}" if m else "—"
@@ -140,11 +138,9 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
     return "\n".join(lines)
 
 
-def _ci(m: dict[str, Any], digits: int = 3) -> str:
-    if m.get("mean") is None:
-        return "—"
-    lo, hi = m["ci95"]
-    return f"{m['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+def _ci(m: dict[str, Any]) -> str:
+    """A bootstrap summary ({"mean", "ci95"}) as "0.726 [0.707, 0.746]"."""
+    return with_ci(m.get("mean"), m.get("ci95"))
 
 
 def segmentation_markdown(seg: dict[str, Any]) -> str:

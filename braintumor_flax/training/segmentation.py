@@ -36,6 +36,7 @@ from braintumor_flax.models.segmentation import (
     trunk_digest,
 )
 from braintumor_flax.models.vgg16 import VGG16
+from braintumor_flax.training.steps import warmup_cosine
 from braintumor_flax.xla import cpu_jit
 
 
@@ -158,9 +159,8 @@ def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config
                                     trunk_digest=trunk_digest(vgg))
     segmenter = build_segmenter(seg_config, seed=config.seed)
     steps = len(train) // config.batch_size
-    total = max(2, config.epochs * steps)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
-                                                  min(max(1, int(config.warmup_epochs * steps)), total - 1), total)
+    schedule = warmup_cosine(config.learning_rate, warmup_epochs=config.warmup_epochs, epochs=config.epochs,
+                             steps_per_epoch=steps)
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
     graphdef, params = nnx.split(segmenter)
     state = SegState(graphdef, tx, config, params, tx.init(params))
@@ -207,10 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from braintumor_flax.data.datasets import prepare
     from braintumor_flax.hub import BrainTumorPipeline
     from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, default_data_dir
-    from braintumor_flax.training.config import TrainConfig
+    from braintumor_flax.training.fit_statistics import prepare_training_data
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT_DIR, help="classifier checkpoint to extend")
@@ -238,10 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.save_pretrained(args.out or args.checkpoint)
         return 0
     # The classifier's own split (same validation fraction and seed), so no test image or duplicate trains it.
-    trained = TrainConfig.from_record(pipeline.info.training)
     data_dir = args.data_dir or default_data_dir()
-    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, val_fraction=trained.val_fraction,
-                   seed=trained.seed)
+    data = prepare_training_data(pipeline, data_dir)
     segmenter, record = train_segmenter(pipeline.view_model.vgg, data, data_dir, config)
     pipeline.attach_segmenter(segmenter, record)
     pipeline.save_pretrained(args.out or args.checkpoint)

@@ -40,12 +40,18 @@ def trainable_filter(frozen_blocks: int) -> Callable[[tuple, Any], bool]:
     return is_trainable
 
 
+def warmup_cosine(peak: float, *, warmup_epochs: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `peak`, then cosine decay to 0 at the end of the last epoch."""
+    total = max(1, epochs * steps_per_epoch)
+    # At least one step of each phase, also when a short run has fewer steps than the warm-up asks for.
+    warmup = min(max(int(warmup_epochs * steps_per_epoch), 1), max(total - 1, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1))
+
+
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    total = max(1, config.epochs * steps_per_epoch)
     if config.schedule == "warmup_cosine":
-        # At least one step of each phase, also when a short run has fewer steps than the warm-up asks for.
-        warmup = min(max(int(config.warmup_epochs * steps_per_epoch), 1), max(total - 1, 1))
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total, warmup + 1))
+        lr = warmup_cosine(config.learning_rate, warmup_epochs=config.warmup_epochs, epochs=config.epochs,
+                           steps_per_epoch=steps_per_epoch)
     else:
         lr = config.learning_rate
     if config.weight_decay > 0:
