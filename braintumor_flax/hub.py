@@ -153,10 +153,12 @@ class BrainTumorPipeline(
             self.attach_segmenter(segmenter, segmentation_record or {})
 
     def attach_segmenter(self, segmenter: TumorSegmenter, record: dict[str, Any]) -> None:
-        """Add the tumour-mask decoder; it must have been trained on this trunk's VGG blocks 1-3."""
+        """Add the tumour-mask decoder; it must have been trained on the VGG blocks of this trunk it reads."""
+        blocks = segmenter.config.encoder_blocks
         for model in self.models.values():
-            if trunk_digest(model.vgg) != segmenter.config.trunk_digest:
-                raise ValueError("the segmenter was trained on other VGG blocks 1-3 than this checkpoint's trunk")
+            if trunk_digest(model.vgg, blocks) != segmenter.config.trunk_digest:
+                raise ValueError(f"the segmenter was trained on other VGG blocks 1-{blocks} than this checkpoint's "
+                                 "trunk")
         if segmenter.config.image_size != self.view_model.config.image_size:
             raise ValueError(f"the segmenter is for {segmenter.config.image_size} px, "
                              f"the classifiers for {self.view_model.config.image_size}")

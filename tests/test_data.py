@@ -7,6 +7,7 @@ Tiny datasets in both publisher layouts are built in tmp_path from real files of
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -190,6 +191,24 @@ def test_prepare_split_contents(prepared, fake_root):
     k = tr.paths.index(next(p for p in tr.paths if p.startswith("kaggle-copy")))
     from braintumor_flax.data.imageio import to_model_input
     np.testing.assert_array_equal(tr.images[k], to_model_input(decode_image(fake_root["root"] / tr.paths[k]), 32))
+
+
+def test_training_from_one_dataset_keeps_every_test_split(prepared):
+    from braintumor_flax.training.config import TrainConfig
+
+    only = prepared.training_from(("brisc2025",))
+    assert set(only.splits["train"].dataset) == {"brisc2025"} and set(only.splits["val"].dataset) <= {"brisc2025"}
+    for name in ("train", "val"):
+        kept = [p for p, d in zip(prepared.splits[name].paths, prepared.splits[name].dataset, strict=True)
+                if d == "brisc2025"]
+        assert only.splits[name].paths == kept
+    for name in ("test_brisc2025", "test_kaggle"):
+        assert only.splits[name] is prepared.splits[name]
+    assert prepared.training_from(()) is prepared
+    with pytest.raises(ValueError, match="no images from"):
+        prepared.training_from(("brats",))
+    config = TrainConfig(train_datasets=("kaggle",))  # recorded in checkpoints as JSON, read back as a tuple
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_prepare_report_is_json_and_formats(prepared):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -84,23 +85,32 @@ def _write_brisc_like(root: Path, split: str, n: int, seed: int) -> Split:
                  np.array(["brisc2025"] * n), paths, hashes)
 
 
-def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory):
+# The light decoder over blocks 1-3 (any trunk), and the one that also reads a shared trunk's blocks 4-5 and
+# refines at full resolution from the slice itself.
+@pytest.mark.parametrize("deep", [False, True])
+def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory, deep):
     data = PreparedData({"train": _write_brisc_like(tmp_path, "train", 96, 0),
                          "val": _write_brisc_like(tmp_path, "val", 24, 1)}, report={}, dataset_hash="gen",
                         image_size=SIZE)
     masks, known = split_masks(data.splits["val"], tmp_path)
     assert known.all() and masks[0].sum() == 0 and masks[1].sum() > 0
     pipeline = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)
-    config = SegTrainConfig(epochs=12, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2)
+    if deep:  # both models hold the same whole VGG here: a shared trunk
+        pipeline.info = dataclasses.replace(pipeline.info, shared_trunk=True)
+    config = SegTrainConfig(epochs=12, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2, deep=deep, full_res=deep)
     segmenter, record = train_segmenter(pipeline.view_model.vgg, data, tmp_path, config, log=lambda _: None)
     history = record["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert max(h["val_dice_tumour"] for h in history) > 0.6  # random-VGG features still locate a bright square
 
+    assert segmenter.config.deep == deep and segmenter.config.threshold == record["threshold"]
+    assert set(segmenter.config.inputs) >= {"block4_conv3", "block5_conv3", "image"} if deep else True
+
     pipeline.attach_segmenter(segmenter, record)
     pipeline.save_pretrained(tmp_path / "ckpt")
     loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
     assert loaded.segmenter is not None and loaded.segmentation_record["kept_epoch"] == record["kept_epoch"]
+    assert loaded.segmenter.config == segmenter.config  # the chosen threshold, the deep and full-res levels
     # Stored in float16, the trunk is the same blocks 1-3 for the decoder (its digest is taken at that precision).
     loaded.storage_dtype = "float16"
     loaded.save_pretrained(tmp_path / "ckpt16")
@@ -111,8 +121,10 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     served = forward(val.images, segment=True)
     plain = forward(val.images)
     np.testing.assert_array_equal(served.tumor_logits, plain.tumor_logits)  # the mask costs the answer nothing
-    dice = grid_dice(served.mask_prob, masks, 0.5)
-    assert abs(dice[masks.any(axis=(1, 2))].mean() - history[record["kept_epoch"] - 1]["val_dice_tumour"]) < 0.05
+    np.testing.assert_allclose(grid_dice(served.mask_prob, masks, 0.5)[masks.any(axis=(1, 2))].mean(),
+                               history[record["kept_epoch"] - 1]["val_dice_tumour"], atol=0.05)
+    dice = grid_dice(served.mask_prob, masks, segmenter.config.threshold)
+    assert abs(dice[masks.any(axis=(1, 2))].mean() - record["val_dice_at_threshold"]) < 0.05
 
     # The evaluation measures on each image's own pixels; here they are the model grid, so it must agree exactly.
     test_data = PreparedData({"test_brisc2025": val}, report={}, dataset_hash="gen", image_size=SIZE)
@@ -128,6 +140,16 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     other = tiny_pipeline_factory(image_size=SIZE, width_divisor=16, seed=5)  # other VGG blocks 1-3
     with pytest.raises(ValueError, match="other VGG blocks"):
         other.attach_segmenter(segmenter, record)
+    if deep:  # the same blocks 1-3 but other blocks 4-5: refused too
+        retrained = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)
+        kernel = retrained.view_model.vgg.block4_conv1.kernel
+        kernel.set_value(kernel.get_value() * 1.5)
+        with pytest.raises(ValueError, match="other VGG blocks 1-5"):
+            retrained.attach_segmenter(segmenter, record)
+        two_trunks = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)  # not declared a shared trunk
+        two_trunks.attach_segmenter(segmenter, record)
+        with pytest.raises(ValueError, match="one shared trunk"):
+            Forward.from_pipeline(two_trunks)
 
 
 def test_mask_rle_is_coco_column_major_and_round_trips():

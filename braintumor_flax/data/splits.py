@@ -6,7 +6,7 @@ none of the deduplication libraries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +53,15 @@ class PreparedData:
     dataset_hash: str
     image_size: int = 128
     records: list[Record] = field(default_factory=list, repr=False)
+
+    def training_from(self, datasets: tuple[str, ...] | list[str]) -> PreparedData:
+        """The same data with the train and validation splits limited to `datasets` (all when empty), the test
+        splits untouched: training on one source and testing on another (leave-one-dataset-out)."""
+        if not datasets:
+            return self
+        unknown = set(datasets) - {d for s in self.splits.values() for d in s.dataset}
+        if unknown:
+            raise ValueError(f"no images from {sorted(unknown)} in this data")
+        splits = {name: split.subset(np.isin(split.dataset, list(datasets))) if name in ("train", "val") else split
+                  for name, split in self.splits.items()}
+        return replace(self, splits=splits)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
-from braintumor_flax.models.vgg16 import VGG16, caffe_preprocess, max_pool_2x2
+from braintumor_flax.models.vgg16 import VGG16, VGG16_BLOCKS, caffe_preprocess, max_pool_2x2
 
 Task = Literal["view", "tumor"]
 
@@ -91,12 +91,17 @@ class _VGGClassifier(nnx.Module):
         """uint8 RGB images → output of the shared (frozen) lower blocks."""
         return self.vgg(caffe_preprocess(images), last_block=self.config.lower_blocks)
 
-    def upper_convs(self, lower: jax.Array) -> jax.Array:
-        """Remaining conv blocks, stopping before the last pooling (Grad-CAM's target layer)."""
+    def upper_convs(self, lower: jax.Array, *, intermediates: dict[str, jax.Array] | None = None) -> jax.Array:
+        """Remaining conv blocks, stopping before the last pooling (Grad-CAM's target layer). `intermediates`,
+        if given, receives each block's last conv output (`blockN_convM`, as `VGG16` names them)."""
         x = lower
-        for block in range(self.config.lower_blocks + 1, 5):
-            x = max_pool_2x2(self.vgg.block_convs(x, block))
-        return self.vgg.block_convs(x, 5)
+        for block in range(self.config.lower_blocks + 1, 6):
+            x = self.vgg.block_convs(x, block)
+            if intermediates is not None:
+                intermediates[f"block{block}_conv{len(VGG16_BLOCKS[block - 1])}"] = x
+            if block < 5:
+                x = max_pool_2x2(x)
+        return x
 
 
 class ViewClassifier(_VGGClassifier):

@@ -12,7 +12,7 @@ inside every compiled program; the optional outputs of the same call are
 * the spatial mean of the lower blocks' output (`pooled=True`, [B, 512]: the OOD check's feature);
 * the lower blocks' output itself (`keep_lower=True`, for on-disk caches);
 * the tumour mask (`segment=True`, [B, S, S] probabilities): the segmentation decoder (`models.segmentation`)
-  reads VGG blocks 1-3's activations from the same trunk pass.
+  reads VGG blocks 1-3's activations (a deep decoder also blocks 4-5's) from the same trunk pass.
 
 Lower-block outputs can be passed in instead of pixels (`lower=`), so a cached trunk costs only the heads.
 Batches are zero-padded to one shape so each program compiles once; `lone_chunk_own_shape` gives a single
@@ -77,17 +77,19 @@ def pad_rows(array: np.ndarray, start: int, rows: int, padded: int, dtype: np.dt
 
 def two_stage(view: ViewClassifier | None, tumor: TumorClassifier | None, view_lower: jax.Array,
               tumor_lower: jax.Array | None, *, want_view: bool, explain: bool = False,
-              target: jax.Array | None = None, share_trunk: bool = False) -> dict[str, jax.Array]:
+              target: jax.Array | None = None, share_trunk: bool = False,
+              upper: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
     """Lower-block outputs → view logits and feature → tumour logits (+ Grad-CAM). Traced, never called eagerly.
 
     `share_trunk`: the models' whole VGG is one (the shared-trunk model): its upper blocks run once for both.
+    `upper`, if given, receives that trunk's upper block activations (the deep segmenter's inputs).
     """
     out: dict[str, jax.Array] = {}
     needs_feature = tumor is not None and tumor.config.use_view_feature
     feature = None
     view_last_conv = None
-    if view is not None and (want_view or needs_feature or share_trunk):
-        view_last_conv = view.upper_convs(view_lower)
+    if view is not None and (want_view or needs_feature or share_trunk or upper is not None):
+        view_last_conv = view.upper_convs(view_lower, intermediates=upper)
         out["view_logits"], feature = view.head(view_last_conv)
         out["view_feature"] = feature
     if tumor is None:
@@ -148,6 +150,10 @@ class Forward:
         self.has_segmenter = segmenter is not None
         if segmenter is not None and segmenter.config.image_size != self.image_size:
             raise ValueError(f"the segmenter is for {segmenter.config.image_size} px, the models for {self.image_size}")
+        # A deep decoder reads blocks 4-5 of the one trunk; the attach check (hub) guarantees the trunk matches.
+        self._segmenter_deep = segmenter is not None and segmenter.config.deep
+        if self._segmenter_deep and not (self.has_view and (self.share_trunk or not self.has_tumor)):
+            raise ValueError("a segmenter that reads VGG blocks 4-5 needs one shared trunk")
         self._graphs, self._states = zip(*(nnx.split(m) for m in (view_model, tumor_model, segmenter)
                                            if m is not None), strict=True)
         self._programs: dict[_Program, Callable] = {}
@@ -183,8 +189,11 @@ class Forward:
                     else:
                         lower = base.lower(x)
                     tumor_lower = None if tumor is None else (lower if self.share_lower else tumor.lower(x))
+                upper: dict[str, jax.Array] | None = {} if p.segment and self._segmenter_deep else None
                 out = two_stage(view, tumor, lower, tumor_lower, want_view=p.want_view, explain=p.explain,
-                                target=target, share_trunk=self.share_trunk)
+                                target=target, share_trunk=self.share_trunk, upper=upper)
+                if upper:
+                    skips = {**upper, **skips}
                 if p.pooled:
                     out["lower_pooled"] = lower.mean(axis=(1, 2))
                 if p.keep_lower:

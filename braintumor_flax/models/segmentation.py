@@ -1,14 +1,18 @@
-"""Where the tumour is: a light U-Net decoder over the served trunk's frozen VGG blocks 1-3.
+"""Where the tumour is: a light U-Net decoder over the served trunk's VGG activations.
 
-    block2_conv2 (S/2) ─ conv1×1 ──────────────────────┐
-    block3_conv3 (S/4) ─ conv1×1 ─────────┐            │
-    block3_pool  (S/8) ─ conv1×1 → context (S/8 + S/16) → up ⊕ conv → up ⊕ conv → conv1×1 → logit (S/2),
-                                                                              bilinear ×2 → mask logit (S × S)
+    block5_conv3 (S/16) ─ conv1×1 ───────────────┐          (deep=True)
+    block4_conv3 (S/8)  ─ conv1×1 ─────────┐     │          (deep=True)
+    block3_pool  (S/8)  ─ conv1×1 → context (S/8 + S/16) → up ⊕ conv (S/4) → up ⊕ conv (S/2) → …
+    block3_conv3 (S/4)  ─ conv1×1 ─────────────────────────┘              │
+    block2_conv2 (S/2)  ─ conv1×1 ─────────────────────────────────────────┘
+    … full_res=False: conv1×1 → logit (S/2), bilinear ×2 → mask logit (S × S)
+      full_res=True:  up ⊕ conv3×3 of the slice itself (S) → conv → conv1×1 → mask logit (S × S)
 
-It reads only blocks 1-3, which every CPU recipe keeps frozen at their ImageNet weights: the decoder trains on
-its own (no classifier retraining, blocks 1-3 computed on the fly) and runs on the activations the classifier's
-forward pass computes anyway (`models.forward`). `SegmentationConfig.trunk_digest` records the blocks it was
-trained on; a trunk with other blocks 1-3 (a fully fine-tuned model) needs its own decoder.
+Every input is an activation the classifier's forward pass computes anyway (`models.forward`), so segmenting
+adds only the decoder. Blocks 1-3 are frozen ImageNet weights in every CPU recipe; `deep=True` also reads the
+trained blocks 4-5 of a shared-trunk model, whose features know whether and what kind of tumour there is: that
+ties the decoder to that one trunk. `SegmentationConfig.trunk_digest` records the blocks it was trained on, and a
+checkpoint refuses a decoder trained on other blocks.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from flax import nnx
 from braintumor_flax.models.params import weights_digest
 from braintumor_flax.models.vgg16 import VGG16, VGG16_BLOCKS, caffe_preprocess, max_pool_2x2
 
-ENCODER_BLOCKS = 3
+ENCODER_BLOCKS = 3  # the blocks every decoder reads (frozen in the CPU recipes)
 SKIP_LAYERS = ("block2_conv2", "block3_conv3", "block3_pool")
+DEEP_LAYERS = ("block4_conv3", "block5_conv3")  # of the trained upper blocks (deep=True)
+IMAGE = "image"  # the slice itself, as the full-resolution skip (full_res=True)
 # The last level predicts at S/2 and the logit is upsampled: a full-resolution level cost more CPU than the
 # masks (nearest-neighbour resized, at most 2x the model grid here) could give back.
 
@@ -36,7 +42,24 @@ class SegmentationConfig:
     widths: tuple[int, int, int] = (128, 64, 32)
     width_divisor: int = 1  # of the VGG it reads (tests use a narrowed VGG)
     threshold: float = 0.5  # on the mask probability
-    trunk_digest: str = ""  # weights_digest of VGG blocks 1-3 the decoder was trained on
+    trunk_digest: str = ""  # weights_digest of the VGG blocks the decoder was trained on
+    deep: bool = False  # also read blocks 4-5 (DEEP_LAYERS)
+    full_res: bool = False  # a last level at S × S with the slice as its skip
+    full_res_width: int = 16
+
+    @property
+    def encoder_blocks(self) -> int:
+        """The VGG blocks whose activations the decoder reads: its trunk digest covers those."""
+        return 5 if self.deep else ENCODER_BLOCKS
+
+    @property
+    def vgg_layers(self) -> tuple[str, ...]:
+        """The VGG activations it reads (`encode` gives SKIP_LAYERS; deep ones come from the upper blocks)."""
+        return SKIP_LAYERS + (DEEP_LAYERS if self.deep else ())
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.vgg_layers + ((IMAGE,) if self.full_res else ())
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "widths": list(self.widths)}
@@ -56,7 +79,15 @@ def encode(vgg: VGG16, images: jax.Array, last_block: int) -> tuple[jax.Array, d
     if last_block < ENCODER_BLOCKS:
         raise ValueError(f"the decoder reads VGG blocks 1-{ENCODER_BLOCKS}; the trunk stops at {last_block}")
     lower, inter = vgg(caffe_preprocess(images), last_block=last_block, return_intermediates=True)
-    return lower, {name: inter[name] for name in SKIP_LAYERS}
+    # The deep layers are here only when the lower stage reaches them; otherwise the upper blocks give them.
+    skips = {name: inter[name] for name in SKIP_LAYERS + DEEP_LAYERS if name in inter}
+    skips[IMAGE] = image_skip(images)
+    return lower, skips
+
+
+def image_skip(images: jax.Array) -> jax.Array:
+    """uint8 RGB [B, S, S, 3] → the grey slice [B, S, S, 1] as float (the full-resolution level's skip)."""
+    return images.astype(jnp.float32).mean(axis=-1, keepdims=True)
 
 
 def _up(x: jax.Array) -> jax.Array:
@@ -72,8 +103,8 @@ def _rms_normalised(x: jax.Array) -> jax.Array:
 
 
 def _up_bilinear(x: jax.Array) -> jax.Array:
-    """[B, H, W] → [B, 2H, 2W], bilinear with half-pixel centres and clamped edges (as jax.image.resize), written
-    as shifted sums: its gradient is as cheap as the forward."""
+    """[B, H, W, ...] → [B, 2H, 2W, ...], bilinear with half-pixel centres and clamped edges (as
+    jax.image.resize), written as shifted sums: its gradient is as cheap as the forward."""
     def along(a: jax.Array, axis: int) -> jax.Array:
         n = a.shape[axis]
         prev = jnp.concatenate([jax.lax.slice_in_dim(a, 0, 1, axis=axis), jax.lax.slice_in_dim(a, 0, n - 1, axis=axis)],
@@ -95,7 +126,7 @@ class TumorSegmenter(nnx.Module):
     def __init__(self, config: SegmentationConfig, *, rngs: nnx.Rngs):
         self.config = config
         w8, w4, w2 = config.widths
-        c2, c3 = (VGG16_BLOCKS[b][0] // config.width_divisor for b in (1, 2))
+        c2, c3, c4, c5 = (VGG16_BLOCKS[b][0] // config.width_divisor for b in (1, 2, 3, 4))
 
         def conv(cin: int, cout: int, k: int = 3) -> nnx.Conv:
             return nnx.Conv(cin, cout, (k, k), padding="SAME", rngs=rngs)
@@ -107,24 +138,44 @@ class TumorSegmenter(nnx.Module):
         self.context_out = conv(w8, w8)
         self.skip4, self.skip2 = conv(c3, w4, 1), conv(c2, w2, 1)
         self.fuse4, self.fuse2 = conv(w8 + w4, w4), conv(w4 + w2, w2)
-        self.out = conv(w2, 1, 1)
+        if config.deep:
+            self.deep4, self.deep5 = conv(c4, w8, 1), conv(c5, w8, 1)
+        if config.full_res:
+            w1 = config.full_res_width
+            self.skip1 = conv(1, w1)
+            self.fuse1 = conv(w2 + w1, w1)
+            self.refine1 = conv(w1, w1)
+            self.out = conv(w1, 1, 1)
+        else:
+            self.out = conv(w2, 1, 1)
 
     def __call__(self, skips: dict[str, jax.Array]) -> jax.Array:
         relu = jax.nn.relu
-        skips = {k: _rms_normalised(v) for k, v in skips.items()}
-        x = relu(self.context_conv(relu(self.context_in(skips["block3_pool"]))))
-        coarse = relu(self.context_coarse2(relu(self.context_coarse1(max_pool_2x2(x)))))
+        cfg = self.config
+        skips = {k: _rms_normalised(skips[k]) for k in cfg.inputs}
+        x = relu(self.context_in(skips["block3_pool"]))
+        if cfg.deep:
+            x = x + relu(self.deep4(skips["block4_conv3"]))
+        x = relu(self.context_conv(x))
+        coarse = max_pool_2x2(x)
+        if cfg.deep:
+            coarse = coarse + relu(self.deep5(skips["block5_conv3"]))
+        coarse = relu(self.context_coarse2(relu(self.context_coarse1(coarse))))
         x = relu(self.context_out(x + _up(coarse)))
         for fuse, skip, name in ((self.fuse4, self.skip4, "block3_conv3"), (self.fuse2, self.skip2, "block2_conv2")):
             x = relu(fuse(jnp.concatenate([_up(x), relu(skip(skips[name]))], axis=-1)))
-        return _up_bilinear(self.out(x)[..., 0])
+        if not cfg.full_res:
+            return _up_bilinear(self.out(x)[..., 0])
+        x = relu(self.fuse1(jnp.concatenate([_up_bilinear(x), relu(self.skip1(skips[IMAGE]))], axis=-1)))
+        return self.out(relu(self.refine1(x)))[..., 0]
 
 
 def build_segmenter(config: SegmentationConfig, *, seed: int = 0) -> TumorSegmenter:
     return TumorSegmenter(config, rngs=nnx.Rngs(seed))
 
 
-def trunk_digest(vgg: VGG16) -> str:
-    """Identity of the VGG blocks the decoder reads (a classifier's `.vgg` or a bare VGG16): a decoder serves
-    only on the blocks it was trained on. Taken at float16 precision: storing a checkpoint in float16 keeps it."""
-    return weights_digest(vgg, blocks=ENCODER_BLOCKS, prefix="", rounded_to="float16")
+def trunk_digest(vgg: VGG16, blocks: int = ENCODER_BLOCKS) -> str:
+    """Identity of the VGG blocks 1..`blocks` a decoder reads (a classifier's `.vgg` or a bare VGG16): a decoder
+    serves only on the blocks it was trained on. Taken at float16 precision: storing a checkpoint in float16
+    keeps it."""
+    return weights_digest(vgg, blocks=blocks, prefix="", rounded_to="float16")

@@ -27,6 +27,8 @@ def train_parser() -> argparse.ArgumentParser:
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
+    p.add_argument("--train-datasets", nargs="+", default=None, metavar="DATASET",
+                   help="train and validate on these datasets only (e.g. brisc2025); the test sets stay the same")
     p.add_argument("--view-from", type=Path, default=None,
                    help="reuse the view model of this checkpoint and train only the tumour model")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
@@ -37,12 +39,14 @@ def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     config = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         image_size=args.image_size, seed=args.seed, label_smoothing=args.label_smoothing,
-                        frozen_blocks=args.frozen_blocks, max_images=args.max_images)
+                        frozen_blocks=args.frozen_blocks, max_images=args.max_images,
+                        train_datasets=tuple(args.train_datasets) if args.train_datasets else None)
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()
     print(f"recipe {config.recipe}: {json.dumps(config.to_dict())}")
     t0 = time.perf_counter()
-    data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
+                   seed=config.seed).training_from(config.train_datasets)
     pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
                               view_from=args.view_from, data=data)
     finalize_pipeline(pipeline, data)

@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = DEFAULT_SEED
     eval_batch_size: int = 64
     max_images: int | None = None  # cap per split, for smoke tests
+    # Train (and validate) on these datasets only, e.g. ("brisc2025",) to test on Kaggle as an unseen source;
+    # empty = all. The test splits are the same either way.
+    train_datasets: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,7 +54,10 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Fields this version knows; missing ones take their defaults (older checkpoints)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        known = {k: v for k, v in data.items() if k in names}
+        if "train_datasets" in known:  # a list in JSON
+            known["train_datasets"] = tuple(known["train_datasets"])
+        return cls(**known)
 
     @classmethod
     def from_record(cls, record: TrainingRecord | None) -> TrainConfig:

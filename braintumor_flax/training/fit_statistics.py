@@ -77,7 +77,7 @@ def prepare_training_data(pipeline: BrainTumorPipeline, data_dir: str | Path | N
     trained_on = pipeline.info.dataset_hash
     if trained_on and trained_on != data.dataset_hash:
         raise SystemExit("this data is not the data the checkpoint was trained on (dataset hash differs)")
-    return data
+    return data.training_from(config.train_datasets)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -313,6 +313,7 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
         from braintumor_flax.data.datasets import prepare
 
         data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    data = data.training_from(config.train_datasets)
     timings["data_s"] = time.perf_counter() - t0
     if config.model == "shared_trunk":
         if view_from is not None:

@@ -1,11 +1,13 @@
 """Training the tumour segmenter (models/segmentation.py) on BRISC masks, with the classification split.
 
-The VGG blocks 1-3 it reads are frozen (the ImageNet weights every CPU recipe keeps), so only the decoder
-gets gradients, and their activations are computed once per image (float16, in memory: about 1.7 MB per
-slice at 128 px); augmentation then flips those activations and the mask together. Loss: pixel-wise binary
+The VGG blocks it reads are frozen here (blocks 1-3: the ImageNet weights every CPU recipe keeps; with
+`deep`, also the classifier's trained blocks 4-5), so only the decoder gets gradients, and their activations
+are computed once per image (float16, in memory: about 2 MB per slice at 128 px); augmentation then flips
+those activations and the mask together. Loss: pixel-wise binary
 cross-entropy plus a soft Dice term per image; no-tumour slices (empty masks) are trained on too, so the
 decoder learns to stay silent. The epoch with the
-best validation Dice is kept (model selection on validation only).
+best validation Dice is kept, then the mask threshold with the best validation Dice (model selection on
+validation only).
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from braintumor_flax.data.masks import split_masks
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.models.forward import pad_rows, padded_chunks
 from braintumor_flax.models.segmentation import (
-    ENCODER_BLOCKS,
-    SKIP_LAYERS,
     SegmentationConfig,
     TumorSegmenter,
     build_segmenter,
@@ -49,6 +49,8 @@ class SegTrainConfig:
     warmup_epochs: float = 0.5
     hflip: bool = True
     dice_weight: float = 1.0
+    deep: bool = False  # also read the classifier's VGG blocks 4-5 (SegmentationConfig.deep)
+    full_res: bool = False  # a last decoder level at full resolution (SegmentationConfig.full_res)
     seed: int = 0
     datasets: tuple[str, ...] = ("brisc2025",)  # the masks are BRISC's
     max_images: int | None = None  # cap per split (smoke tests)
@@ -69,16 +71,17 @@ class SegState:
     opt_state: optax.OptState
 
 
-def encode_images(vgg: VGG16, images: np.ndarray, batch_size: int = 32) -> Skips:
-    """float16 activations of the frozen VGG blocks the decoder reads, for every image."""
+def encode_images(vgg: VGG16, images: np.ndarray, config: SegmentationConfig, batch_size: int = 32) -> Skips:
+    """float16 activations of the frozen VGG blocks the decoder reads (`config.inputs`), for every image."""
     graphdef, state = nnx.split(vgg)
-    run = cpu_jit(lambda st, x: encode(nnx.merge(graphdef, st), x, ENCODER_BLOCKS)[1])
+    run = cpu_jit(lambda st, x: encode(nnx.merge(graphdef, st), x, config.encoder_blocks)[1])
     parts: list[Skips] = []
-    for start, rows, padded in tqdm(list(padded_chunks(len(images), batch_size)), desc="VGG blocks 1-3",
-                                    unit="batch", dynamic_ncols=True, mininterval=5.0):
+    for start, rows, padded in tqdm(list(padded_chunks(len(images), batch_size)),
+                                    desc=f"VGG blocks 1-{config.encoder_blocks}", unit="batch", dynamic_ncols=True,
+                                    mininterval=5.0):
         out = run(state, jnp.asarray(pad_rows(images, start, rows, padded, np.uint8)))
-        parts.append({k: np.asarray(v[:rows], np.float16) for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in SKIP_LAYERS}
+        parts.append({k: np.asarray(out[k][:rows], np.float16) for k in config.inputs})
+    return {k: np.concatenate([p[k] for p in parts]) for k in config.inputs}
 
 
 def soft_dice(prob: jax.Array, target: jax.Array, smooth: float = 1.0) -> jax.Array:
@@ -115,7 +118,7 @@ def seg_probs(state: SegState, skips: dict[str, jax.Array]) -> jax.Array:
 
 def predict_masks(state: SegState, skips: Skips, batch_size: int = 32) -> np.ndarray:
     """float32 [N, S, S] mask probabilities from cached activations, in fixed-shape (padded) batches."""
-    n = len(skips[SKIP_LAYERS[0]])
+    n = len(next(iter(skips.values())))
     parts = [np.asarray(seg_probs(state, {k: jnp.asarray(pad_rows(v, start, rows, padded)) for k, v in skips.items()})
                         )[:rows] for start, rows, padded in padded_chunks(n, batch_size)]
     return np.concatenate(parts)
@@ -155,8 +158,9 @@ def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config
         raise ValueError(f"{len(train)} images with masks are fewer than one batch of {config.batch_size}")
     size = train.images.shape[1]
     width_divisor = 64 // vgg.block1_conv1.kernel.get_value().shape[-1]
-    seg_config = SegmentationConfig(image_size=size, width_divisor=width_divisor,
-                                    trunk_digest=trunk_digest(vgg))
+    seg_config = SegmentationConfig(image_size=size, width_divisor=width_divisor, deep=config.deep,
+                                    full_res=config.full_res)
+    seg_config = dataclasses.replace(seg_config, trunk_digest=trunk_digest(vgg, seg_config.encoder_blocks))
     segmenter = build_segmenter(seg_config, seed=config.seed)
     steps = len(train) // config.batch_size
     schedule = warmup_cosine(config.learning_rate, warmup_epochs=config.warmup_epochs, epochs=config.epochs,
@@ -164,7 +168,7 @@ def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
     graphdef, params = nnx.split(segmenter)
     state = SegState(graphdef, tx, config, params, tx.init(params))
-    train_skips, val_skips = encode_images(vgg, train.images), encode_images(vgg, val.images)
+    train_skips, val_skips = encode_images(vgg, train.images, seg_config), encode_images(vgg, val.images, seg_config)
     log(f"segmenter: {len(train)} train / {len(val)} val slices with masks "
         f"({int(train.masks.any(axis=(1, 2)).sum())} / {int(val.masks.any(axis=(1, 2)).sum())} with tumour)")
     history: list[dict[str, Any]] = []
@@ -195,10 +199,28 @@ def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config
     if best is not None:
         state = state.replace(params=best[2])
         log(f"segmenter: kept epoch {best[1]} (validation Dice {best[0]:.4f})")
+    threshold, threshold_dice = choose_threshold(predict_masks(state, val_skips), val.masks)
+    log(f"segmenter: mask threshold {threshold} (validation Dice on tumour slices {threshold_dice:.4f})")
     record = {"config": config.to_dict(), "history": history, "kept_epoch": best[1] if best else config.epochs,
+              "threshold": threshold, "val_dice_at_threshold": threshold_dice,
               "train_images": len(train), "val_images": len(val), "dataset_hash": data.dataset_hash,
               "seconds": round(time.perf_counter() - t0, 1)}
-    return nnx.merge(state.graphdef, state.params), record
+    segmenter = nnx.merge(state.graphdef, state.params)
+    segmenter.config = dataclasses.replace(seg_config, threshold=threshold)
+    return segmenter, record
+
+
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+def choose_threshold(probs: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
+    """The mask threshold with the best mean validation Dice over all slices (an empty slice scores 1 when
+    nothing is predicted, so a low threshold pays for false alarms), and its Dice on the tumour slices."""
+    tumour = masks.any(axis=(1, 2))
+    scores = [(float(grid_dice(probs, masks, t).mean()), t) for t in THRESHOLDS]
+    best = max(scores)[1]
+    dice = grid_dice(probs, masks, best)
+    return best, float(dice[tumour].mean()) if tumour.any() else float("nan")
 
 
 
@@ -222,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="storage precision of the saved checkpoint (default: float32)")
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("max-images", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
+    p.add_argument("--deep", action="store_true", help="also read the classifier's VGG blocks 4-5 (a shared trunk)")
+    p.add_argument("--full-res", action="store_true", help="a last decoder level at full resolution")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in ("epochs", "batch_size", "learning_rate", "max_images")
                  and v is not None}
+    overrides.update(deep=args.deep, full_res=args.full_res)
     config = dataclasses.replace(SegTrainConfig(), **overrides)
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
     if args.dtype:
