@@ -118,6 +118,7 @@ def test_metrics_json_schema(run):
     assert m["calibration"]["source"] == "fitted by evaluate" and m["calibration"]["n_val_tumor"] > 0
     assert set(m["ablation"]["comparison"]) == {"brisc2025_test", "kaggle_test"}
     assert m["ablation"]["use_view_feature"] is False
+    assert m["meta"]["train_datasets"] == "all"
 
 
 def test_lower_blocks_cached_once_per_split(run):
@@ -275,3 +276,25 @@ def test_benchmark_blocks_regenerated_from_their_json(tmp_path):
     assert "| 25.0 s | ≤ 20 s | **missed** |" in text and "| 12.5 s | ≤ 20 s | met |" in text
     readme.write_text(text.replace("321 ms", "300 ms"))
     assert readme_table.main([*args, "--check"]) == 1
+
+
+def test_generalization_block_marks_the_unseen_source_and_counts_no_tumour_confusions():
+    names = ["glioma", "meningioma", "no_tumor", "pituitary"]
+
+    def test_set(cm):
+        n = sum(map(sum, cm))
+        return {"class_names": names, "confusion_matrix": cm, "accuracy": sum(cm[i][i] for i in range(4)) / n,
+                "accuracy_ci95": [0.5, 0.99], "per_class": {"meningioma": {"recall": cm[1][1] / sum(cm[1])}}}
+
+    # BRISC: 2 of 40 tumours called "no tumour", 1 of 10 no-tumour slices called a tumour.
+    brisc = test_set([[10, 0, 1, 0], [0, 9, 1, 0], [1, 0, 9, 0], [0, 0, 0, 19]])
+    kaggle = test_set([[5, 0, 5, 0], [0, 4, 6, 0], [0, 0, 10, 0], [0, 0, 0, 10]])
+    runs = [{"meta": {"recipe": "r", "train_datasets": "all"}, "tumor": {"brisc2025_test": brisc,
+                                                                         "kaggle_test": kaggle}},
+            {"meta": {"recipe": "r", "train_datasets": ["brisc2025"]}, "tumor": {"brisc2025_test": brisc,
+                                                                                 "kaggle_test": kaggle}}]
+    rows = readme_table.generalization_markdown(runs).splitlines()
+    assert rows[2].startswith("| r | BRISC + Kaggle | 0.940 [0.500, 0.990] | 0.900 | 0.050 | 0.100 | 0.725")
+    assert "unseen" not in rows[2]
+    assert rows[3].startswith("| r | BRISC | 0.940 [0.500, 0.990] | 0.900 | 0.050 | 0.100 | "
+                              "0.725 [0.500, 0.990] (unseen source) | 0.400 | 0.367 | 0.000 |")

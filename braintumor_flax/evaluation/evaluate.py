@@ -288,6 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": str(args.checkpoint),
         "checkpoint_fingerprint": main_ckpt.fingerprint[:16],
         "recipe": main_ckpt.pipeline.info.recipe,
+        # Which datasets trained it (all by default): a test set of another source measures generalisation.
+        "train_datasets": list(TrainConfig.from_record(main_ckpt.pipeline.info.training).train_datasets) or "all",
         "dataset_hash": prepared.dataset_hash,
         "dataset_hash_matches_training": (train_hash == prepared.dataset_hash) if train_hash else None,
         "splits": {name: len(s) for name, s in splits.items()},

@@ -138,6 +138,42 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
     return "\n".join(lines)
 
 
+TEST_SETS = (("brisc2025_test", "brisc2025", "BRISC"), ("kaggle_test", "kaggle", "Kaggle"))
+
+
+def generalization_markdown(runs: list[dict[str, Any]]) -> str:
+    """Leave-one-dataset-out: one row per evaluated run (its metrics.json), each test set marked "unseen source"
+    when its dataset trained nothing; and how often each source's tumours are called "no tumour" and the
+    reverse (the confusion that says whether "no tumour" partly means "which source")."""
+    lines = ["| recipe | trained on | " + " | ".join(f"{name} tumour acc [95% CI] | {name} meningioma recall | "
+                                                   f"{name} tumour → \"no tumour\" | {name} no tumour → a tumour"
+                                                   for _, _, name in TEST_SETS) + " |",
+             "|---|---|" + "---|---|---|---|" * len(TEST_SETS)]
+    for metrics in runs:
+        meta, tumor = metrics.get("meta", {}), metrics.get("tumor", {})
+        trained = meta.get("train_datasets", "all")
+        trained = list(trained) if isinstance(trained, list) else ["brisc2025", "kaggle"]
+        cells = []
+        for key, dataset, _ in TEST_SETS:
+            m = tumor.get(key)
+            if not m:
+                cells += ["—"] * 4
+                continue
+            unseen = " (unseen source)" if dataset not in trained else ""
+            names, cm = m["class_names"], m["confusion_matrix"]  # rows: true class, columns: predicted
+            none = names.index("no_tumor")
+            tumour_rows = [row for i, row in enumerate(cm) if i != none]
+            missed = sum(row[none] for row in tumour_rows) / max(sum(map(sum, tumour_rows)), 1)
+            false_alarm = 1 - cm[none][none] / max(sum(cm[none]), 1)
+            cells += [with_ci(m["accuracy"], m.get("accuracy_ci95")) + unseen,
+                      f"{m['per_class']['meningioma']['recall']:.3f}", f"{missed:.3f}", f"{false_alarm:.3f}"]
+        label = " + ".join("BRISC" if d == "brisc2025" else "Kaggle" if d == "kaggle" else d for d in trained)
+        lines.append(f"| {meta.get('recipe', '?')} | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "_Generated from each run's `metrics.json` (`python -m braintumor_flax.evaluation`); the test "
+              "sets are the same deduplicated ones in every row. Do not edit this block by hand._"]
+    return "\n".join(lines)
+
+
 def _ci(m: dict[str, Any]) -> str:
     """A bootstrap summary ({"mean", "ci95"}) as "0.726 [0.707, 0.746]"."""
     return with_ci(m.get("mean"), m.get("ci95"))
@@ -313,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the served model's metrics.json (its own generated block)")
     ap.add_argument("--recipes", default="results/shared-frozen3/metrics.json,results/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
+    ap.add_argument("--generalization",
+                    default="results/shared-frozen3/metrics.json,results/lodo-brisc2025/metrics.json,"
+                            "results/lodo-kaggle/metrics.json",
+                    help="comma-separated metrics.json files for the leave-one-dataset-out block (missing: skipped)")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--checkpoint", default="checkpoints-shared-trunk",
                     help="checkpoint folder whose model card to regenerate")
@@ -332,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         # Optional blocks: regenerated when both their markers and their source JSON are there.
         served = load_json(args.served)
         runs = [(m, _checkpoint_config(m)) for m in (load_json(p) for p in args.recipes.split(",") if p) if m]
+        lodo = [m for m in (load_json(p) for p in args.generalization.split(",") if p) if m]
         ood, bench_app, bench_inference, seg = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference,
                                                                         args.segmentation))
         optional = {"ood": ood_markdown(ood) if ood else None,
                     "segmentation": segmentation_markdown(seg) if seg else None,
                     "recipes": recipes_markdown(runs) if runs else None,
+                    "generalization": generalization_markdown(lodo) if len(lodo) > 1 else None,
                     "served": results_markdown(served, source_file=args.served) if served else None,
                     "serving": serving_markdown(bench_app, bench_inference) if bench_app or bench_inference else None}
         for name, body in optional.items():
