@@ -282,7 +282,9 @@ def serving_markdown(app: dict[str, Any] | None, inference: dict[str, Any] | Non
             load = machine.get("loadavg_start")
             load_text = f"load average {load[0]} at start, {machine['loadavg_end'][0]} at end" if load else \
                 f"load average {machine.get('loadavg_end', ['?'])[0]} at end"
-            loads.append(f"`{name}`: {machine.get('cores')} cores, {load_text}")
+            model = (src or {}).get("model")
+            model_text = f", model `{Path(model).name}`" if model else ""
+            loads.append(f"`{name}`: {machine.get('cores')} cores, {load_text}{model_text}")
     return ("\n".join(lines) + "\n\n_Generated from `results/bench_inference.json` and `results/bench_app.json` "
             f"({'; '.join(loads)}). Do not edit this block by hand._")
 
