@@ -31,8 +31,8 @@ ENCODER_BLOCKS = 3  # the blocks every decoder reads (frozen in the CPU recipes)
 SKIP_LAYERS = ("block2_conv2", "block3_conv3", "block3_pool")
 DEEP_LAYERS = ("block4_conv3", "block5_conv3")  # of the trained upper blocks (deep=True)
 IMAGE = "image"  # the slice itself, as the full-resolution skip (full_res=True)
-# The last level predicts at S/2 and the logit is upsampled: a full-resolution level cost more CPU than the
-# masks (nearest-neighbour resized, at most 2x the model grid here) could give back.
+# Without `full_res` the last level predicts at S/2 and the logit is upsampled bilinearly (cheaper); the served
+# decoder has the full-resolution level.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +53,10 @@ class SegmentationConfig:
         return 5 if self.deep else ENCODER_BLOCKS
 
     @property
-    def vgg_layers(self) -> tuple[str, ...]:
-        """The VGG activations it reads (`encode` gives SKIP_LAYERS; deep ones come from the upper blocks)."""
-        return SKIP_LAYERS + (DEEP_LAYERS if self.deep else ())
-
-    @property
     def inputs(self) -> tuple[str, ...]:
-        return self.vgg_layers + ((IMAGE,) if self.full_res else ())
+        """What it reads: VGG activations (`encode` gives SKIP_LAYERS; deep ones come from the upper blocks) and,
+        with `full_res`, the slice itself."""
+        return SKIP_LAYERS + (DEEP_LAYERS if self.deep else ()) + ((IMAGE,) if self.full_res else ())
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "widths": list(self.widths)}

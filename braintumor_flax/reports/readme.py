@@ -152,7 +152,7 @@ def generalization_markdown(runs: list[dict[str, Any]]) -> str:
     for metrics in runs:
         meta, tumor = metrics.get("meta", {}), metrics.get("tumor", {})
         trained = meta.get("train_datasets", "all")
-        trained = list(trained) if isinstance(trained, list) else ["brisc2025", "kaggle"]
+        trained = list(trained) if isinstance(trained, list) else [dataset for _, dataset, _ in TEST_SETS]
         cells = []
         for key, dataset, _ in TEST_SETS:
             m = tumor.get(key)
@@ -167,7 +167,8 @@ def generalization_markdown(runs: list[dict[str, Any]]) -> str:
             false_alarm = 1 - cm[none][none] / max(sum(cm[none]), 1)
             cells += [with_ci(m["accuracy"], m.get("accuracy_ci95")) + unseen,
                       f"{m['per_class']['meningioma']['recall']:.3f}", f"{missed:.3f}", f"{false_alarm:.3f}"]
-        label = " + ".join("BRISC" if d == "brisc2025" else "Kaggle" if d == "kaggle" else d for d in trained)
+        short = {dataset: name for _, dataset, name in TEST_SETS}
+        label = " + ".join(short.get(d, d) for d in trained)
         lines.append(f"| {meta.get('recipe', '?')} | {label} | " + " | ".join(cells) + " |")
     lines += ["", "_Generated from each run's `metrics.json` (`python -m braintumor_flax.evaluation`); the test "
               "sets are the same deduplicated ones in every row. Do not edit this block by hand._"]
