@@ -169,6 +169,21 @@ def test_limit_per_client_counts_waiting_and_running_events():
     assert asyncio.run(queue.push(None, polite, None))[0] is True
 
 
+def test_relax_queue_polling_on_gradios_own_queue():
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    demo.queue()
+    queue = demo._queue
+    assert queue.sleep_when_free < request_limits.QUEUE_POLL_S  # Gradio's default, which this changes
+    request_limits.relax_queue_polling(queue)
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (
+        request_limits.QUEUE_POLL_S, request_limits.PROGRESS_POLL_S)
+    with pytest.raises(AttributeError, match="sleep_when_free"):
+        request_limits.relax_queue_polling(SimpleNamespace())
+
+
 def test_temp_sweeper_bounds_total_size_oldest_first(tmp_path):
     import os
     import time

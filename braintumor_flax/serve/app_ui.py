@@ -271,6 +271,7 @@ def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     """Queue for a 2-vCPU Space: bounded waiting line, a small worker pool (see CONCURRENCY)."""
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     request_limits.limit_per_client(demo._queue)  # at most MAX_EVENTS_PER_CLIENT of the places per client
+    request_limits.relax_queue_polling(demo._queue)  # its 1 ms wake-ups compete with the model on 2 cores
     return demo
 
 

@@ -7,6 +7,9 @@
   `UploadSizeLimit` (ASGI middleware) caps the whole request body.
 * Fairness: the queue's 64 places are shared; `limit_per_client` caps the places (waiting + running)
   one client may hold, so one client cannot starve the others.
+* Polling: Gradio's queue looks for work every 1 ms and for progress every 10 ms. On a 2-core machine those
+  wake-ups compete with XLA's two compute threads; `relax_queue_polling` makes them 20 ms and 100 ms (a
+  request may wait up to 20 ms longer to start).
 * Temporary files: Gradio deletes uploads by age (`delete_cache`); `TempSweeper` also bounds their total
   size, deleting the oldest first (never files younger than a minute: they belong to running requests).
 * Time: `REQUEST_TIME_LIMIT_S` is enforced between the images of a batch (`batch.decode_items`); one image's
@@ -90,6 +93,19 @@ def limit_per_client(queue: Any, max_events: int = MAX_EVENTS_PER_CLIENT) -> Non
         return await original(body, request, username)
 
     queue.push = push
+
+
+QUEUE_POLL_S = 0.02  # Gradio 6.31: 0.001
+PROGRESS_POLL_S = 0.1  # Gradio 6.31: 0.01
+
+
+def relax_queue_polling(queue: Any, poll_s: float = QUEUE_POLL_S, progress_poll_s: float = PROGRESS_POLL_S) -> None:
+    """Lengthen the queue's idle polling intervals. They are attributes of Gradio's `Queue`, checked here, so a
+    Gradio that renames them fails loudly in the tests instead of silently polling every millisecond."""
+    for name, value in (("sleep_when_free", poll_s), ("progress_update_sleep_when_free", progress_poll_s)):
+        if not hasattr(queue, name):
+            raise AttributeError(f"Gradio's Queue has no {name!r}: check relax_queue_polling against this Gradio")
+        setattr(queue, name, value)
 
 
 class UploadSizeLimit:
