@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine, write_json  # noqa: E402
+from bench_common import cpu_ticks, machine, write_json  # noqa: E402
 
 from braintumor_flax.labels import normalize_tumor  # noqa: E402
 
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     xla_cache = work / "cache"
     result: dict = {"model": args.model}
     loadavg_start = [round(v, 2) for v in os.getloadavg()]  # is the machine quiet?
+    ticks_start = cpu_ticks()
     try:
         # 1. cold starts: empty compilation cache, then the cache the first run wrote
         app = App(args.model, xla_cache, work)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):  # already stopped on the normal path
             app.stop()
         shutil.rmtree(work, ignore_errors=True)
-    result["machine"] = machine(loadavg_start)
+    result["machine"] = machine(loadavg_start, ticks_start)
     write_json(args.out, result)
     return 0
 

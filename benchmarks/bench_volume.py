@@ -37,19 +37,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_app import App  # noqa: E402
+from bench_common import cpu_ticks, machine  # noqa: E402
 
 from braintumor_flax.data.medical import read_dicom_slice, read_volume  # noqa: E402
 from braintumor_flax.data.medical.writers import write_dicom_series, write_nifti  # noqa: E402
 from braintumor_flax.labels import normalize_plane  # noqa: E402
 from braintumor_flax.paths import default_data_dir  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512": " avx512f " in flags,
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
 
 
 def test_slices(plane_code: str | None = None) -> list[Path]:
@@ -94,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_volume_"))
     volume = write_volume(work / "brisc155.nii.gz")
-    result: dict = {"machine": machine(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+    ticks_start = cpu_ticks()
+    result: dict = {"loadavg_start": [round(v, 2) for v in os.getloadavg()],
                     "volume": {"file": volume.name, "bytes": volume.stat().st_size, "shape": [240, 240, 155]}}
     app = App(args.model, work / "cache", work)
     try:
@@ -125,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                             "plane_agreement": answer["summary"].get("plane_agreement")}
     finally:
         app.stop()
-    result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    result["machine"] = {**machine(ticks_start=ticks_start), "memory_gib": memory_gib,
+                         "python": platform.python_version()}
+    result["loadavg_end"] = result["machine"].pop("loadavg_end")
     if not args.skip_planes:
         result["header_plane"] = header_planes(work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
