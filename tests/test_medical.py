@@ -336,14 +336,14 @@ def test_series_with_mixed_orientations_or_sizes_is_refused(tmp_path):
         read_volume(_zip(tmp_path / "sizes.zip", axial + small))
 
 
-def _slice(tumour: str, *, ood: bool = False, plane: str = "axial"):
+def _slice(tumour: str, *, ood: bool = False, plane: str = "axial", area: int | None = None):
     from braintumor_flax.ood import OODResult
     from braintumor_flax.serve.service import SliceResult
 
     tumor_probs = {c: (0.7 if c == tumour else 0.1) for c in ("glioma", "meningioma", "no_tumor", "pituitary")}
     plane_probs = {p: (0.8 if p == plane else 0.1) for p in PLANES}
     return SliceResult("s", plane_probs, tumor_probs, OODResult(ood, 2.0 if ood else 0.5, None, {}, []),
-                       header_plane="axial")
+                       header_plane="axial", tumor_area_px=area)
 
 
 def test_volume_summary_aggregation_rules():
@@ -368,3 +368,8 @@ def test_volume_summary_aggregation_rules():
     coronal = summary([_slice("no_tumor", plane="coronal")] * 3)
     assert coronal["model_plane"] == "coronal" and coronal["plane_agreement"] == 0
     assert "header says these are axial" in coronal["warnings"][0]
+    # "No tumour" on a slice where the segmenter outlines a region: listed, and warned about.
+    mixed = summary([_slice("no_tumor", area=0), _slice("no_tumor", area=80), _slice("no_tumor", area=5),
+                     _slice("glioma", area=300), _slice("no_tumor", area=40, ood=True)])
+    assert mixed["disagreeing_slices"] == "2–3" and "slices 2–3 the classifier sees no tumour" in mixed["warnings"][0]
+    assert "disagreeing_slices" not in two

@@ -21,7 +21,7 @@ from braintumor_flax.data.masks import (
     split_masks,
 )
 from braintumor_flax.data.splits import PreparedData, Split
-from braintumor_flax.evaluation.segmentation import evaluate_segmentation
+from braintumor_flax.evaluation.segmentation import disagreement, evaluate_segmentation
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.labels import TUMOR_CLASSES
 from braintumor_flax.models.forward import Forward
@@ -136,6 +136,11 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     assert summary["dice"]["ci95"][0] <= summary["dice"]["mean"] <= summary["dice"]["ci95"][1]
     assert 0 <= summary["gradcam"]["pointing_game"]["mean"] <= 1 and 0 < summary["gradcam"]["random_baseline"] < 1
     assert len(per_slice["test_brisc2025"]) == len(val)
+    # The app's disagreement warning, counted from the same outputs the app would show.
+    answered_none = served.tumor_logits.argmax(axis=1) == TUMOR_CLASSES.index("no_tumor")
+    outlined = np.array([r["predicted_area_px"] > 0 for r in per_slice["test_brisc2025"]])
+    assert summary["disagreement"]["answered_no_tumour"] == answered_none.sum()
+    assert summary["disagreement"]["flagged"] == (answered_none & outlined).sum()
 
     other = tiny_pipeline_factory(image_size=SIZE, width_divisor=16, seed=5)  # other VGG blocks 1-3
     with pytest.raises(ValueError, match="other VGG blocks"):
@@ -150,6 +155,34 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
         two_trunks.attach_segmenter(segmenter, record)
         with pytest.raises(ValueError, match="one shared trunk"):
             Forward.from_pipeline(two_trunks)
+
+
+def test_disagreement_counts_flagged_no_tumour_answers():
+    def row(truth: str, answer: str, area: int) -> dict:
+        return {"tumor": truth, "predicted_class": answer, "predicted_area_px": area}
+
+    rows = [row("meningioma", "no_tumor", 300), row("no_tumor", "no_tumor", 12), row("glioma", "no_tumor", 0),
+            row("no_tumor", "no_tumor", 0), row("glioma", "glioma", 500), row("no_tumor", "pituitary", 40)]
+    d = disagreement(rows)
+    assert (d["answered_no_tumour"], d["flagged"], d["flagged_that_are_tumours"], d["unflagged_that_are_tumours"]) == (
+        4, 2, 1, 1)
+    assert d["share_of_flagged_that_are_tumours"] == 0.5 and d["missed_tumours_flagged"] == 0.5
+    assert disagreement([row("glioma", "glioma", 9)])["share_of_flagged_that_are_tumours"] is None
+
+
+def test_a_no_tumour_answer_beside_an_outline_is_a_warning():
+    from braintumor_flax.ood import OODResult
+    from braintumor_flax.serve.service import TUMOR_DISAGREEMENT, SliceResult
+
+    def result(tumour: str, area: int) -> SliceResult:
+        probs = {c: (0.7 if c == tumour else 0.1) for c in TUMOR_CLASSES}
+        return SliceResult("x.png", {"axial": 0.9, "coronal": 0.05, "sagittal": 0.05}, probs,
+                           OODResult(False, 0.1, 0.1, {}, []), tumor_area_px=area, mask_rle={"size": [1, 1]})
+
+    warned, agreed, empty = result("no_tumor", 250), result("meningioma", 250), result("no_tumor", 0)
+    assert warned.models_disagree and not agreed.models_disagree and not empty.models_disagree
+    assert warned.to_json("v")["tumor_warning"] == TUMOR_DISAGREEMENT and agreed.to_json("v")["tumor_warning"] is None
+    assert TUMOR_DISAGREEMENT in warned.segmentation_note() and "⚠️" not in agreed.segmentation_note()
 
 
 def test_mask_rle_is_coco_column_major_and_round_trips():

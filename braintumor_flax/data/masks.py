@@ -50,6 +50,12 @@ def grid_to_image(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     return square[top:top + height, left:left + width]
 
 
+def mask_on_image(prob: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """bool [height, width]: the segmenter's mask on an image's own pixels (what the app outlines and measures,
+    and what the evaluation scores)."""
+    return grid_to_image(prob, height, width) >= threshold
+
+
 def split_masks(split: Split, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(bool [N, S, S] masks on the model grid, bool [N] known) for a split's rows.
 

@@ -6,6 +6,8 @@
   back from the model grid, `data.masks.grid_to_image`), overall, per tumour class and per plane, with
   bootstrap 95 % intervals of the mean;
 * false-positive area on no-tumour slices (BRISC and Kaggle test);
+* the app's disagreement warning: of the slices the classifier calls "no tumour", those the segmenter outlines a
+  region on, and how many of them are tumours (every test slice, Kaggle's tumours without masks included);
 * Grad-CAM of the served tumour model for the class it predicts (what the app shows): how often its peak lies
   inside the true mask (pointing game), and the share of its energy inside the mask, each next to what a
   uniformly random point / a uniform map would score (the mask's share of the image).
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from braintumor_flax.data.masks import NO_TUMOR, grid_to_image, mask_path_for, read_mask, split_masks
+from braintumor_flax.data.masks import NO_TUMOR, grid_to_image, mask_on_image, mask_path_for, read_mask, split_masks
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.evaluation.metrics import bootstrap_indices, percentile_ci
 from braintumor_flax.hub import BrainTumorPipeline
@@ -42,29 +44,32 @@ def _mean_ci(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
 
 
 def slice_rows(split: Split, data_dir: Path, forward: Forward, threshold: float) -> list[dict[str, Any]]:
-    """One row per slice whose mask is known: Dice / IoU / areas on the image's own pixels, Grad-CAM checks."""
+    """One row per slice: the classifier's answer and the predicted tumour area on the image's own pixels; where
+    the true mask is known (BRISC tumour slices, every no-tumour slice) also Dice / IoU and the Grad-CAM checks."""
     grid_masks, known = split_masks(split, data_dir)
-    rows_idx = np.flatnonzero(known)
-    out = forward(split.images[rows_idx], segment=True, explain=True)
+    out = forward(split.images, segment=True, explain=True)
     size = split.images.shape[1]
     rows = []
-    for j, i in enumerate(rows_idx):
+    for i in range(len(split)):
         image_path = Path(data_dir) / split.paths[i]
         tumour = int(split.tumor[i]) != NO_TUMOR
-        if tumour:
+        if tumour and known[i]:
             truth = read_mask(mask_path_for(image_path))
+            shape = truth.shape
         else:
             with Image.open(image_path) as im:
-                truth = np.zeros(im.size[::-1], bool)
-        pred = grid_to_image(out.mask_prob[j], *truth.shape) >= threshold
-        inter, union = int((pred & truth).sum()), int((pred | truth).sum())
+                shape = im.size[::-1]
+            truth = np.zeros(shape, bool) if known[i] else None
+        pred = mask_on_image(out.mask_prob[i], *shape, threshold)
         row = {"path": split.paths[i], "tumor": TUMOR_CLASSES[split.tumor[i]],
                "plane": PLANES[split.plane[i]] if split.plane[i] >= 0 else "", "predicted_area_px": int(pred.sum()),
-               "true_area_px": int(truth.sum())}
-        if tumour:
+               "predicted_class": TUMOR_CLASSES[int(np.argmax(out.tumor_logits[i]))],  # temperatures keep argmax
+               "true_area_px": "" if truth is None else int(truth.sum())}
+        if tumour and truth is not None:
+            inter, union = int((pred & truth).sum()), int((pred | truth).sum())
             row["dice"] = 2 * inter / (pred.sum() + truth.sum())
             row["iou"] = inter / union
-            cam = grid_to_image(out.cam[j], size, size)  # the coarse map, bilinear onto the model grid
+            cam = grid_to_image(out.cam[i], size, size)  # the coarse map, bilinear onto the model grid
             grid_mask = grid_masks[i]
             row["cam_peak_inside"] = bool(grid_mask.flat[int(np.argmax(cam))])
             row["cam_energy_inside"] = float(cam[grid_mask].sum() / cam.sum()) if cam.sum() > 0 else 0.0
@@ -73,10 +78,26 @@ def slice_rows(split: Split, data_dir: Path, forward: Forward, threshold: float)
     return rows
 
 
+def disagreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Slices the classifier calls "no tumour": how many the segmenter outlines a region on (the app's warning,
+    `SliceResult.models_disagree`), and how many of those, and of the others, are tumours in truth."""
+    answered_none = [r for r in rows if r["predicted_class"] == "no_tumor"]
+    flagged = [r for r in answered_none if r["predicted_area_px"] > 0]
+    quiet = [r for r in answered_none if r["predicted_area_px"] == 0]
+    tumours_flagged = sum(r["tumor"] != "no_tumor" for r in flagged)
+    tumours_quiet = sum(r["tumor"] != "no_tumor" for r in quiet)
+    missed = tumours_flagged + tumours_quiet
+    return {"answered_no_tumour": len(answered_none), "flagged": len(flagged),
+            "flagged_that_are_tumours": tumours_flagged,
+            "share_of_flagged_that_are_tumours": tumours_flagged / len(flagged) if flagged else None,
+            "unflagged_that_are_tumours": tumours_quiet,
+            "missed_tumours_flagged": tumours_flagged / missed if missed else None}
+
+
 def summarize(rows: list[dict[str, Any]], n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     tumour = [r for r in rows if "dice" in r]
-    empty = [r for r in rows if "dice" not in r]
-    summary: dict[str, Any] = {"slices": len(rows)}
+    empty = [r for r in rows if r["tumor"] == "no_tumor"]
+    summary: dict[str, Any] = {"slices": len(rows), "disagreement": disagreement(rows)}
     if tumour:
         dice = np.array([r["dice"] for r in tumour])
         summary["dice"] = _mean_ci(dice, n_resamples, seed)

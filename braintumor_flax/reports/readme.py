@@ -196,6 +196,18 @@ def segmentation_markdown(seg: dict[str, Any]) -> str:
             name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
             lines.append(f"| {name} | {n['n']} | {n['median_false_positive_px']:.0f} px | "
                          f"{n['mean_false_positive_px']:.1f} px | {100 * n['share_with_any_false_positive']:.1f} % |")
+    disagreements = {t: m["disagreement"] for t, m in seg["test_sets"].items() if "disagreement" in m}
+    if disagreements:
+        lines += ["", "| classifier answers \"no tumour\", test set | n | the segmenter outlines a region (the app "
+                  "warns) | of those, tumours in truth | tumours among the unwarned | missed tumours that were warned "
+                  "about |", "|---|---|---|---|---|---|"]
+        for test_set, d in disagreements.items():
+            name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
+            share, caught = d["share_of_flagged_that_are_tumours"], d["missed_tumours_flagged"]
+            share_text = f" ({100 * share:.0f} %)" if share is not None else ""
+            caught_text = f"{100 * caught:.0f} %" if caught is not None else "–"
+            lines.append(f"| {name} | {d['answered_no_tumour']} | {d['flagged']} | {d['flagged_that_are_tumours']}"
+                         f"{share_text} | {d['unflagged_that_are_tumours']} | {caught_text} |")
     if "gradcam" in brisc:
         g = brisc["gradcam"]
         lines += ["", "| Grad-CAM of the served tumour model (predicted class), BRISC test tumour slices | value "
@@ -354,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--generalization",
                     default="results/shared-frozen3/metrics.json,results/lodo-brisc2025/metrics.json,"
-                            "results/lodo-kaggle/metrics.json",
+                            "results/lodo-kaggle/metrics.json,results/metrics.json,"
+                            "results/lodo-faithful-brisc2025/metrics.json",
                     help="comma-separated metrics.json files for the leave-one-dataset-out block (missing: skipped)")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--checkpoint", default="checkpoints-shared-trunk",

@@ -21,7 +21,7 @@ from braintumor_flax import __version__
 from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.data.limits import MAX_IMAGE_BYTES, MAX_PIXELS, MAX_SIDE, RequestBudget, shape_reasons
-from braintumor_flax.data.masks import grid_to_image, rle_encode
+from braintumor_flax.data.masks import mask_on_image, rle_encode
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.models.params import weights_digest
 from braintumor_flax.ood import OODDetector, OODResult
@@ -30,6 +30,8 @@ from braintumor_flax.serve.predictor import Prediction, Predictor, resolve_model
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_PIXELS", "BrainTumorService", "Prepared", "SliceResult"]
 
+TUMOR_DISAGREEMENT = ("the two models disagree: the classifier sees no tumour, but the segmentation model outlines "
+                      "a tumour region, so treat \"no tumour\" as uncertain here")
 PLANE_NAMES = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
 TUMOR_NAMES = {"glioma": "Glioma", "meningioma": "Meningioma", "no_tumor": "No tumour", "pituitary": "Pituitary tumour"}
 
@@ -91,6 +93,13 @@ class SliceResult:
         hedge = " — low confidence, treat with extra caution" if tumor_p < 0.6 else ""
         return f"An {plane}; {finding}{hedge}." if plane[0] in "aeiou" else f"A {plane}; {finding}{hedge}."
 
+    @property
+    def models_disagree(self) -> bool:
+        """The classifier answers "no tumour" while the segmenter outlines a region: two models trained apart
+        disagree, so neither answer should be taken alone (how often such a slice is a tumour is measured by
+        `evaluation.segmentation` and stated in the README)."""
+        return bool(self.ok and not self.is_ood and self.tumor == "no_tumor" and self.tumor_area_px)
+
     def segmentation_note(self) -> str:
         """The segmenter's finding in words, to append to the summary (empty without a segmenter)."""
         area = self.tumor_area_px
@@ -100,7 +109,8 @@ class SliceResult:
             return " The segmentation model outlines no tumour."
         mm2 = self.tumor_area_mm2
         size = f"{area:,} px" + (f", {mm2:,.0f} mm²" if mm2 is not None else "")
-        return f" Green outline: the segmentation model's tumour region ({size})."
+        note = f" Green outline: the segmentation model's tumour region ({size})."
+        return note + (f" ⚠️ {TUMOR_DISAGREEMENT}." if self.models_disagree else "")
 
     def to_json(self, model_version: str) -> dict[str, Any]:
         """The API's answer: labels are null when the input failed or looks out of distribution."""
@@ -129,6 +139,7 @@ class SliceResult:
             mm2 = self.tumor_area_mm2
             out["segmentation"] = {"area_px": self.tumor_area_px, "area_mm2": None if mm2 is None else round(mm2, 3),
                                    "mask_rle": self.mask_rle}
+            out["tumor_warning"] = TUMOR_DISAGREEMENT if self.models_disagree else None
         if self.compute_ms is not None:
             out["compute_ms"] = round(self.compute_ms, 1)
         return out
@@ -228,7 +239,7 @@ class BrainTumorService:
         if outputs.mask_prob is not None:
             for result, prob, shape in zip(results, outputs.mask_prob, shapes, strict=True):
                 if not result.is_ood:  # no mask for what does not look like a brain slice
-                    mask = grid_to_image(prob, *shape) >= self.mask_threshold
+                    mask = mask_on_image(prob, *shape, self.mask_threshold)
                     result.tumor_area_px, result.mask_rle = int(mask.sum()), rle_encode(mask)
         return results
 
@@ -287,7 +298,7 @@ def _overlay(rgb: np.ndarray, prediction: Prediction, row: int, result: SliceRes
     """Grad-CAM over the slice, with the segmenter's outline on top when there is one."""
     shown = gradcam_overlay(rgb, prediction.outputs.cam[row])
     if result.tumor_area_px is not None and prediction.outputs.mask_prob is not None:
-        shown = draw_outline(shown, grid_to_image(prediction.outputs.mask_prob[row], *shown.shape[:2]) >= threshold)
+        shown = draw_outline(shown, mask_on_image(prediction.outputs.mask_prob[row], *shown.shape[:2], threshold))
     return shown
 
 

@@ -89,6 +89,11 @@ class VolumeAnalysis:
             if model_plane != self.header_plane:
                 warnings.append(f"the file's header says these are {self.header_plane} slices, but the model sees "
                                 f"{model_plane} on most of them ({planes[model_plane]} of {len(assessed)})")
+        disagree = [i for i in assessed if self.slices[i].models_disagree]
+        if disagree:
+            out["disagreeing_slices"] = ranges(disagree)
+            warnings.append(f"on slices {ranges(disagree)} the classifier sees no tumour but the segmentation model "
+                            "outlines a tumour region")
         if self.info.get("oblique"):
             warnings.append("the scan is oblique: the plane given is only the nearest of the three")
         if self.info.get("n_volumes", 1) > 1:
