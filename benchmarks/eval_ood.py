@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"model": args.model, "feature": detector.feature,
                     "false_alarm_target": stats.get("false_alarm_rate"),
                     "distance_limit": stats.get("distance_limit"), "image_limits": stats.get("image_limits"),
-                    "fit_subsample": stats.get("fit_subsample"), "mri": {}, "non_mri": {}}
+                    "fit_subsample": stats.get("fit_subsample") or {"train": stats.get("n_fit"),
+                                                                     "val": stats.get("n_calibration")},
+                    "statistics": "stored in the checkpoint" if args.use_checkpoint_stats else "refitted",
+                    "mri": {}, "non_mri": {}}
     for name in ("test_brisc2025", "test_kaggle"):
         split = data.splits[name]
         split = split.subset(_subsample(len(split), args.n_test, 2))

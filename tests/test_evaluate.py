@@ -298,3 +298,13 @@ def test_generalization_block_marks_the_unseen_source_and_counts_no_tumour_confu
     assert "unseen" not in rows[2]
     assert rows[3].startswith("| r | BRISC | 0.940 [0.500, 0.990] | 0.900 | 0.050 | 0.100 | "
                               "0.725 [0.500, 0.990] (unseen source) | 0.400 | 0.367 | 0.000 |")
+
+
+def test_ood_block_names_where_its_statistics_came_from():
+    row = {"n": 10, "false_alarms": 1, "false_alarm_rate": 0.1, "by_check": {"feature_distance": 1}}
+    refitted = readme_table.ood_markdown({"model": "/x/checkpoints", "mri": {"test_brisc2025": row},
+                                          "fit_subsample": {"train": 2500, "val": 1771}, "false_alarm_target": 0.01})
+    assert "fitted on 2500 training slices" in refitted and "over 1771 validation slices" in refitted
+    stored = readme_table.ood_markdown({"model": "/x/checkpoints-shared-trunk", "mri": {"test_brisc2025": row},
+                                        "fit_subsample": None, "false_alarm_target": 0.01})
+    assert "stored in `checkpoints-shared-trunk`" in stored and "| 10 | 1 | 10.0 % |" in stored

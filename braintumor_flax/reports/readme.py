@@ -95,11 +95,16 @@ def ood_markdown(ood: dict[str, Any]) -> str:
         detected = sum(m["detected"] for m in non_mri.get("per_kind", {}).values())
         rate = 100 * non_mri["detection_rate"]
         lines.append(f"| **all non-MRI images** | {non_mri['n']} | {detected} | {rate:.1f} % | |")
-    fit = ood.get("fit_subsample", {})
-    source = (f"_Generated from `results/ood_eval.json` (`python benchmarks/eval_ood.py`): statistics fitted on "
-              f"{fit.get('train', '?')} training slices, limit = the "
-              f"{100 * (1 - ood.get('false_alarm_target', 0.01)):.0f}th percentile over {fit.get('val', '?')} "
-              "validation slices. Do not edit this block by hand._")
+    fit = ood.get("fit_subsample")
+    percentile = f"{100 * (1 - ood.get('false_alarm_target', 0.01)):.0f}th percentile"
+    if fit:
+        fitted = (f"statistics fitted on {fit.get('train', '?')} training slices, limit = the {percentile} over "
+                  f"{fit.get('val', '?')} validation slices")
+    else:  # --use-checkpoint-stats with a JSON from before the fit sizes were recorded
+        fitted = (f"the statistics stored in `{Path(str(ood.get('model', '?'))).name}` (fitted when it was trained; "
+                  f"limit = the {percentile} over its validation split)")
+    source = (f"_Generated from `results/ood_eval.json` (`python benchmarks/eval_ood.py`, model "
+              f"`{Path(str(ood.get('model', '?'))).name}`): {fitted}. Do not edit this block by hand._")
     return "\n".join(lines) + "\n\n" + source
 
 
