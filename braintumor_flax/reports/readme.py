@@ -78,11 +78,16 @@ OOD_KINDS = {
 }
 
 
+def split_display_name(split: str) -> str:
+    """A split's name in the results files ("test_kaggle") → the test set's name in the README ("Kaggle Testing")."""
+    return TEST_SET_NAMES.get(split.removeprefix("test_") + "_test", split)
+
+
 def ood_markdown(ood: dict[str, Any]) -> str:
     """False alarms on the MRI test sets and detections on non-MRI images (benchmarks/eval_ood.py)."""
     lines = ["| images | n | flagged | rate | flagged by |", "|---|---|---|---|---|"]
     for test_set, m in ood.get("mri", {}).items():
-        name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
+        name = split_display_name(test_set)
         checks = ", ".join(f"{k.replace('+', ' + ')}: {v}" for k, v in m.get("by_check", {}).items())
         lines.append(f"| {name} (brain MRI: a flag is a false alarm) | {m['n']} | {m['false_alarms']} "
                      f"| {100 * m['false_alarm_rate']:.1f} % | {checks} |")
@@ -198,7 +203,7 @@ def segmentation_markdown(seg: dict[str, Any]) -> str:
     for test_set, m in seg["test_sets"].items():
         if "no_tumour" in m:
             n = m["no_tumour"]
-            name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
+            name = split_display_name(test_set)
             lines.append(f"| {name} | {n['n']} | {n['median_false_positive_px']:.0f} px | "
                          f"{n['mean_false_positive_px']:.1f} px | {100 * n['share_with_any_false_positive']:.1f} % |")
     disagreements = {t: m["disagreement"] for t, m in seg["test_sets"].items() if "disagreement" in m}
@@ -207,7 +212,7 @@ def segmentation_markdown(seg: dict[str, Any]) -> str:
                   "warns) | of those, tumours in truth | tumours among the unwarned | missed tumours that were warned "
                   "about |", "|---|---|---|---|---|---|"]
         for test_set, d in disagreements.items():
-            name = TEST_SET_NAMES.get(test_set.removeprefix("test_") + "_test", test_set)
+            name = split_display_name(test_set)
             share, caught = d["share_of_flagged_that_are_tumours"], d["missed_tumours_flagged"]
             share_text = f" ({100 * share:.0f} %)" if share is not None else ""
             caught_text = f"{100 * caught:.0f} %" if caught is not None else "–"
