@@ -56,6 +56,13 @@ def mask_on_image(prob: np.ndarray, height: int, width: int, threshold: float) -
     return grid_to_image(prob, height, width) >= threshold
 
 
+def outline_contradicts(tumour_class: str | None, area_px: int | None) -> bool:
+    """The classifier answers "no tumour" while the segmenter outlines a region on the image: the app warns
+    (`serve.service.SliceResult.models_disagree`), and `evaluation.segmentation` measures how often such a slice is
+    a tumour. One rule for both."""
+    return tumour_class == "no_tumor" and bool(area_px)
+
+
 def split_masks(split: Split, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(bool [N, S, S] masks on the model grid, bool [N] known) for a split's rows.
 

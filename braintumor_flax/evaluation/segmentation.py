@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from braintumor_flax.data.masks import NO_TUMOR, grid_to_image, mask_on_image, mask_path_for, read_mask, split_masks
+from braintumor_flax.data.masks import (
+    NO_TUMOR,
+    grid_to_image,
+    mask_on_image,
+    mask_path_for,
+    outline_contradicts,
+    read_mask,
+    split_masks,
+)
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.evaluation.metrics import bootstrap_indices, percentile_ci
 from braintumor_flax.hub import BrainTumorPipeline
@@ -82,8 +90,8 @@ def disagreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Slices the classifier calls "no tumour": how many the segmenter outlines a region on (the app's warning,
     `SliceResult.models_disagree`), and how many of those, and of the others, are tumours in truth."""
     answered_none = [r for r in rows if r["predicted_class"] == "no_tumor"]
-    flagged = [r for r in answered_none if r["predicted_area_px"] > 0]
-    quiet = [r for r in answered_none if r["predicted_area_px"] == 0]
+    flagged = [r for r in answered_none if outline_contradicts(r["predicted_class"], r["predicted_area_px"])]
+    quiet = [r for r in answered_none if not outline_contradicts(r["predicted_class"], r["predicted_area_px"])]
     tumours_flagged = sum(r["tumor"] != "no_tumor" for r in flagged)
     tumours_quiet = sum(r["tumor"] != "no_tumor" for r in quiet)
     missed = tumours_flagged + tumours_quiet

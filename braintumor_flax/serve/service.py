@@ -21,7 +21,7 @@ from braintumor_flax import __version__
 from braintumor_flax.data import medical
 from braintumor_flax.data.imageio import ImageDecodeError, ImageSource, decode_image, to_model_input
 from braintumor_flax.data.limits import MAX_IMAGE_BYTES, MAX_PIXELS, MAX_SIDE, RequestBudget, shape_reasons
-from braintumor_flax.data.masks import mask_on_image, rle_encode
+from braintumor_flax.data.masks import mask_on_image, outline_contradicts, rle_encode
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.models.params import weights_digest
 from braintumor_flax.ood import OODDetector, OODResult
@@ -98,7 +98,7 @@ class SliceResult:
         """The classifier answers "no tumour" while the segmenter outlines a region: two models trained apart
         disagree, so neither answer should be taken alone (how often such a slice is a tumour is measured by
         `evaluation.segmentation` and stated in the README)."""
-        return bool(self.ok and not self.is_ood and self.tumor == "no_tumor" and self.tumor_area_px)
+        return self.ok and not self.is_ood and outline_contradicts(self.tumor, self.tumor_area_px)
 
     def segmentation_note(self) -> str:
         """The segmenter's finding in words, to append to the summary (empty without a segmenter)."""
