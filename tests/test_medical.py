@@ -373,3 +373,30 @@ def test_volume_summary_aggregation_rules():
                      _slice("glioma", area=300), _slice("no_tumor", area=40, ood=True)])
     assert mixed["disagreeing_slices"] == "2–3" and "slices 2–3 the classifier sees no tumour" in mixed["warnings"][0]
     assert "disagreeing_slices" not in two
+
+
+def test_volume_chunks_in_flight_answer_exactly_as_one_chunk_at_a_time(real_data_dir, tmp_path, monkeypatch):
+    """analyze_volume keeps two chunks in flight (host work beside the model): same answers, same order, and
+    progress that only counts up, as with one chunk at a time."""
+    from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR
+    from braintumor_flax.serve import volume_analysis
+    from braintumor_flax.serve.service import BrainTumorService
+
+    slices = brisc_slices(real_data_dir, "ax", 11)
+    volume = read_volume(write_nifti(tmp_path / "scan.nii.gz", [g for _, g in slices], "axial"))
+    service = BrainTumorService.from_pretrained(DEFAULT_CHECKPOINT_DIR, warm_up=False, batch_size=4)
+    runs = {}
+    for chunks in (1, 2):
+        monkeypatch.setattr(volume_analysis, "IN_FLIGHT_CHUNKS", chunks)
+        progress: list[tuple[int, int]] = []
+        analysis = volume_analysis.analyze_volume(service, volume, progress=lambda d, n, p=progress: p.append((d, n)))
+        assert progress == [(4, 11), (8, 11), (11, 11)]
+        assert len(analysis.images) == 11 and all(r.overlay is not None for r in analysis.slices if not r.is_ood)
+        runs[chunks] = analysis
+    one, two = runs[1], runs[2]
+    assert [r.name for r in two.slices] == [r.name for r in one.slices]
+    assert [r.name for r in two.slices] == [f"volume [axial slice {i}/11]" for i in range(1, 12)]
+    for a, b in zip(one.slices, two.slices, strict=True):
+        assert a.tumor_probs == pytest.approx(b.tumor_probs, abs=1e-6)
+        assert a.plane_probs == pytest.approx(b.plane_probs, abs=1e-6) and a.mask_rle == b.mask_rle
+    assert two.summary() == one.summary()

@@ -10,8 +10,9 @@ probability over those slices. Otherwise the volume is "no_tumor".
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from braintumor_flax.labels import PLANES, TUMOR_CLASSES
 from braintumor_flax.serve.service import BrainTumorService, SliceResult
 
 MIN_TUMOUR_SLICES = 2
+IN_FLIGHT_CHUNKS = 2  # analyze_volume: one chunk in the model, one in host pre/post-processing
 TUMOURS = tuple(c for c in TUMOR_CLASSES if c != "no_tumor")
 AGGREGATION = (f"slices that look like brain MRI only; a tumour class is reported when at least {MIN_TUMOUR_SLICES} "
                "of them (or the only slice) have a tumour as their most likely class, and it is the tumour class "
@@ -140,13 +142,18 @@ def analyze_volume(service: BrainTumorService, volume: Volume, plane: str | None
     limits.check_slices(n)
     header_plane = plane if volume.orientation_known else None
     chunk = service.predictor.batch_size
+    area = volume.pixel_area_mm2(plane)
+
+    def run_chunk(start: int) -> tuple[list[np.ndarray], list[SliceResult]]:
+        rgbs = [volume.slice_rgb(plane, i) for i in range(start, min(n, start + chunk))]
+        return rgbs, service.analyze_many([(f"{name} [{plane} slice {start + j + 1}/{n}]", rgb)
+                                           for j, rgb in enumerate(rgbs)], gradcam=gradcam, pixel_area_mm2=area)
+
     slices: list[SliceResult] = []
     images: list[np.ndarray] = []
-    for start in range(0, n, chunk):
-        rgbs = [volume.slice_rgb(plane, i) for i in range(start, min(n, start + chunk))]
-        results = service.analyze_many([(f"{name} [{plane} slice {start + j + 1}/{n}]", rgb)
-                                        for j, rgb in enumerate(rgbs)], gradcam=gradcam,
-                                       pixel_area_mm2=volume.pixel_area_mm2(plane))
+
+    def collect(done: Future) -> None:
+        rgbs, results = done.result()
         for r in results:
             r.header_plane = header_plane
         slices.extend(results)
@@ -154,5 +161,17 @@ def analyze_volume(service: BrainTumorService, volume: Volume, plane: str | None
             images.extend(rgbs)
         if progress is not None:
             progress(len(slices), n)
+
+    # Two chunks in flight, taken in order: while one is in the model, the other is being cut and resized or
+    # its answers post-processed (the service's lock serialises the model calls themselves), so host work
+    # fills the cores XLA leaves idle between calls instead of adding to the total.
+    with ThreadPoolExecutor(max_workers=IN_FLIGHT_CHUNKS, thread_name_prefix="volume") as pool:
+        pending: deque[Future] = deque()
+        for start in range(0, n, chunk):
+            pending.append(pool.submit(run_chunk, start))
+            if len(pending) == IN_FLIGHT_CHUNKS:
+                collect(pending.popleft())
+        while pending:
+            collect(pending.popleft())
     info = {**volume.info(plane), "orientation_known": volume.orientation_known}
     return VolumeAnalysis(name, plane, info, slices, images)
