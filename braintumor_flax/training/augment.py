@@ -1,12 +1,15 @@
-"""Pure-JAX batch augmentation: flips and zoom (pixels or cached feature maps), and pixel-space augmentation."""
+"""Batch augmentation: flips and zoom (pixels or cached feature maps) and pixel-space augmentation in pure JAX;
+style randomisation (numpy, applied once per image before its lower-block features are cached)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _augment_one(key: jax.Array, image: jax.Array, hflip: bool, vflip: bool, zoom: float) -> jax.Array:
@@ -124,3 +127,37 @@ def augment_pixels(key: jax.Array, images: jax.Array, aug: PixelAugment) -> jax.
         return _photometric_one(k2, _affine_one(k1, image, aug), aug)
 
     return jax.vmap(one)(keys, images.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class StyleRandomize:
+    """One random intensity curve per image, not necessarily monotone: the tissue contrasts of one MRI sequence
+    (or a CT) turned into another's, so that contrast alone can tell neither a source nor "no tumour" apart.
+
+    Why: the served CPU model calls bright axial meningiomas on FLAIR-, T2- or CT-looking slices "no tumour",
+    the look most of the training set's no-tumour slices have. For recipes whose lower blocks are frozen, each
+    training image gets `TrainConfig.style_variants` such copies, whose lower-block features are cached once.
+    """
+
+    knots: int = 4  # interior control points of the piecewise-linear curve, evenly spaced
+    monotone_p: float = 0.5  # share of curves kept monotone (a milder remap than an arbitrary one)
+    gamma: tuple[float, float] = (0.7, 1.5)  # applied before the curve
+
+    def digest(self) -> str:
+        return "k{}-m{}-g{}-{}".format(self.knots, self.monotone_p, *self.gamma)
+
+
+def style_randomize(images: np.ndarray, seeds: Sequence[int | Sequence[int]], style: StyleRandomize) -> np.ndarray:
+    """uint8 [N, S, S, 3] slices → grey copies, each through its own random curve (seeded per image, so a cached
+    copy can be recomputed); black stays black (the background of every source)."""
+    xs = np.linspace(0.0, 1.0, style.knots + 2)
+    out = np.empty_like(images)
+    for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+        rng = np.random.default_rng(seed)
+        ys = rng.uniform(0.05, 1.0, style.knots + 1)
+        if rng.random() < style.monotone_p:
+            ys = np.sort(ys)
+        grey = (image.astype(np.float32).mean(axis=-1) / 255.0) ** rng.uniform(*style.gamma)
+        mapped = np.interp(grey, xs, np.concatenate([[0.0], ys]))
+        out[i] = (np.clip(mapped * 255.0 + 0.5, 0, 255).astype(np.uint8))[..., None]
+    return out

@@ -34,6 +34,10 @@ class TrainConfig:
     # heads trained together (models/shared_trunk.py).
     model: Literal["two_stage", "shared_trunk"] = "two_stage"
     pixel_augment: bool = False  # source-robustness augmentation on pixels (training/augment.PixelAugment)
+    # Frozen, cached lower blocks: also cache the lower-block features of this many style-randomised copies of
+    # each training image (training/augment.StyleRandomize: random intensity curves); each step draws the clean
+    # features or one copy's per example. The cached recipes' stand-in for pixel_augment's intensity changes.
+    style_variants: int = 0
     keep_best: bool = False  # keep the epoch with the best validation tumour accuracy, not the last
     width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
     val_fraction: float = DEFAULT_VAL_FRACTION
@@ -97,6 +101,12 @@ RECIPES: dict[str, TrainConfig] = {
     "shared-frozen3": TrainConfig(recipe="shared-frozen3", model="shared_trunk", epochs=6, frozen_blocks=3,
                                   schedule="warmup_cosine", warmup_epochs=0.5, learning_rate=2e-4, weight_decay=1e-4,
                                   label_smoothing=0.1, keep_best=True),
+    # shared-frozen3 with one style-randomised copy of every training image (its block-3 features cached too):
+    # aimed at the contrast shortcut ("FLAIR / T2 / CT look" = no tumour) of shared-frozen3 on the test sets.
+    "shared-frozen3-style": TrainConfig(recipe="shared-frozen3-style", model="shared_trunk", epochs=6,
+                                        frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
+                                        learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
+                                        style_variants=1),
     # GPU: every block trained on pixels with the source-robustness augmentation, at four input sizes.
     **{f"shared-finetune-{size}": TrainConfig(
         recipe=f"shared-finetune-{size}", model="shared_trunk", image_size=size, epochs=30, frozen_blocks=0,

@@ -34,9 +34,12 @@ from braintumor_flax.models.params import lower_blocks_digest, weights_digest
 from braintumor_flax.models.pretrained import assign_vgg16, load_imagenet_vgg16
 from braintumor_flax.models.shared_trunk import build_shared_trunk
 from braintumor_flax.paths import cache_dir
+from braintumor_flax.training.augment import StyleRandomize, style_randomize
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.steps import Model, StepSettings, TrainState, eval_step, make_optimizer, train_step
 from braintumor_flax.xla import cpu_model
+
+STYLE = StyleRandomize()  # the settings of TrainConfig.style_variants
 
 
 @dataclasses.dataclass
@@ -46,9 +49,22 @@ class StageData:
     inputs: np.ndarray
     labels: np.ndarray
     extra: np.ndarray | None = None
+    # Training only: style-randomised copies of `inputs` [V, N, ...] (TrainConfig.style_variants); each step
+    # takes, per example, the clean input or one of the copies at random.
+    variants: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batch_inputs(self, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = self.inputs[idx]
+        if self.variants is None:
+            return x
+        pick = rng.integers(0, len(self.variants) + 1, len(idx))  # 0: the clean input
+        for v in range(len(self.variants)):
+            rows = pick == v + 1
+            x[rows] = self.variants[v][idx[rows]]
+        return x
 
 
 def _mesh() -> Mesh:
@@ -103,6 +119,7 @@ class StageTrainer:
         # Seeded shuffle per (stage, epoch); the last partial batch is dropped so every step has one shape.
         rng = np.random.default_rng([self.config.seed, name_seed(self.name), epoch])
         order = rng.permutation(len(data))
+        variant_rng = np.random.default_rng([self.config.seed, name_seed(self.name), epoch, 1])
         steps = len(data) // bs
         if steps == 0:
             raise ValueError(f"{self.name}: {len(data)} training examples are fewer than one batch of {bs}")
@@ -114,7 +131,8 @@ class StageTrainer:
             idx = np.sort(order[step * bs : (step + 1) * bs])
             key = jax.random.fold_in(base_key, epoch * steps + step)
             extra = data.extra[idx] if data.extra is not None else None
-            self.state, loss, acc = train_step(self.state, self._shard(data.inputs[idx]), self._shard(extra),
+            inputs = data.batch_inputs(idx, variant_rng)
+            self.state, loss, acc = train_step(self.state, self._shard(inputs), self._shard(extra),
                                                self._shard(data.labels[idx]), key)
             losses.append(loss)
             accs.append(acc)
@@ -167,21 +185,35 @@ def view_outputs(view_model: ViewClassifier, inputs: np.ndarray, *, from_lower: 
 
 
 # ----------------------------------------------------------------------------------------------- lower-feature cache
-def lower_features(model: Model, split: Split, *, batch_size: int = 32, use_cache: bool = True) -> np.ndarray:
+def lower_features(model: Model, split: Split, *, batch_size: int = 32, use_cache: bool = True,
+                   style: tuple[StyleRandomize, int] | None = None) -> np.ndarray:
     """float16 [N, *lower_shape] outputs of the frozen lower blocks, computed once per image and cached
-    on disk by (weights digest, file content hash): reruns, resumed runs and stage 2 reuse them."""
+    on disk by (weights digest, file content hash): reruns, resumed runs and stage 2 reuse them.
+
+    `style` = (settings, variant ≥ 1): the outputs for that style-randomised copy of every image instead (its
+    curve seeded by the image's content hash and the variant, so the cache can always be recomputed)."""
     forward = Forward(model if isinstance(model, ViewClassifier) else None,
                       model if isinstance(model, TumorClassifier) else None, batch_size=batch_size)
+
+    def pixels(rows: list[int] | slice) -> np.ndarray:
+        images = split.images[rows]
+        if style is None:
+            return images
+        hashes = np.asarray(split.content_hash)[rows]
+        return style_randomize(images, [[int(h[:15], 16), style[1]] for h in hashes], style[0])
+
     if not use_cache:
-        return forward.lower(split.images).astype(np.float16)
-    folder = cache_dir("features", lower_blocks_digest(model)[:16])
+        return forward.lower(pixels(slice(None))).astype(np.float16)
+    folder = cache_dir("features", lower_blocks_digest(model)[:16],
+                       *([] if style is None else [f"style-{style[0].digest()}-{style[1]}"]))
     files = [folder / f"{h}.npy" for h in split.content_hash]
     todo = [i for i, f in enumerate(files) if not f.is_file()]
     chunk = 512  # written as we go, so an interrupted extraction resumes where it stopped
-    for start in tqdm(range(0, len(todo), chunk), desc=f"lower VGG blocks ({split.name}, {len(todo)} new images)",
+    what = "" if style is None else f", style copy {style[1]}"
+    for start in tqdm(range(0, len(todo), chunk), desc=f"lower VGG blocks ({split.name}{what}, {len(todo)} new images)",
                       unit="chunk", dynamic_ncols=True):
         rows = todo[start : start + chunk]
-        feats = forward.lower(split.images[rows])
+        feats = forward.lower(pixels(rows))
         for i, feat in zip(rows, feats.astype(np.float16), strict=True):
             tmp = files[i].with_suffix(".tmp.npy")
             np.save(tmp, feat)
@@ -283,6 +315,18 @@ def _stage_inputs(config: TrainConfig, data: PreparedData, lower_model: Model
             lower_features(lower_model, val, batch_size=config.eval_batch_size))
 
 
+def _style_variants(config: TrainConfig, split: Split, lower_model: Model) -> np.ndarray | None:
+    """[V, N, *lower_shape]: the cached lower-block outputs of `config.style_variants` style-randomised copies of
+    every training image (None without)."""
+    if not config.style_variants:
+        return None
+    if not config.lower_features_cacheable:
+        raise ValueError("style_variants are cached lower-block features: they need frozen, cached lower blocks "
+                         "(a recipe training every block uses pixel_augment instead)")
+    return np.stack([lower_features(lower_model, split, batch_size=config.eval_batch_size, style=(STYLE, v))
+                     for v in range(1, config.style_variants + 1)])
+
+
 def _training_record(config: TrainConfig, data: PreparedData, history: dict[str, Any],
                      timings: dict[str, float]) -> TrainingRecord:
     counts = {name: len(split) for name, split in data.splits.items()}
@@ -323,12 +367,14 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     t = time.perf_counter()
     train_split, val_split, train_x, val_x = _stage_inputs(config, data, view_model)
     from_lower = config.lower_features_cacheable
+    train_styled = _style_variants(config, train_split, view_model)
     timings["lower_features_s"] = time.perf_counter() - t
 
     # Stage 1: view planes exist only where the file name says (BRISC).
     t = time.perf_counter()
     has_plane, val_has_plane = train_split.plane >= 0, val_split.plane >= 0
-    stage1_train = StageData(train_x[has_plane], train_split.plane[has_plane])
+    stage1_train = StageData(train_x[has_plane], train_split.plane[has_plane],
+                             variants=None if train_styled is None else train_styled[:, has_plane])
     stage1_val = StageData(val_x[val_has_plane], val_split.plane[val_has_plane])
     log(f"stage 1 (view): {len(stage1_train)} train / {len(stage1_val)} val images, recipe {config.recipe}")
     view_trainer: StageTrainer | None = None
@@ -357,7 +403,8 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
                                      batch_size=config.eval_batch_size)
         _, val_feat = view_outputs(view_model, val_x[val_with_tumor], from_lower=from_lower,
                                    batch_size=config.eval_batch_size)
-    stage2_train = StageData(train_x[with_tumor], train_split.tumor[with_tumor], train_feat)
+    stage2_train = StageData(train_x[with_tumor], train_split.tumor[with_tumor], train_feat,
+                             variants=None if train_styled is None else train_styled[:, with_tumor])
     stage2_val = StageData(val_x[val_with_tumor], val_split.tumor[val_with_tumor], val_feat)
     log(f"stage 2 (tumour): {len(stage2_train)} train / {len(stage2_val)} val images, "
         f"view feature {'on' if config.use_view_feature else 'off (ablation)'}")
@@ -398,7 +445,8 @@ def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *
         assign_vgg16(model.view.vgg, load_imagenet_vgg16(weights_source))
     train_split, val_split, train_x, val_x = _stage_inputs(config, data, model.view)
     from_lower = config.lower_features_cacheable
-    train_data = StageData(train_x, np.stack([train_split.plane, train_split.tumor], axis=1))
+    train_data = StageData(train_x, np.stack([train_split.plane, train_split.tumor], axis=1),
+                           variants=_style_variants(config, train_split, model.view))
     val_data = StageData(val_x, np.stack([val_split.plane, val_split.tumor], axis=1))
     log(f"shared trunk: {len(train_data)} train / {len(val_data)} val images, recipe {config.recipe}")
     trainer = StageTrainer(model, config, from_lower=from_lower, steps_per_epoch=max(1, len(train_data) //
