@@ -308,3 +308,21 @@ def test_ood_block_names_where_its_statistics_came_from():
     stored = readme_table.ood_markdown({"model": "/x/checkpoints-shared-trunk", "mri": {"test_brisc2025": row},
                                         "fit_subsample": None, "false_alarm_target": 0.01})
     assert "stored in `checkpoints-shared-trunk`" in stored and "| 10 | 1 | 10.0 % |" in stored
+
+
+def test_recipe_row_reads_training_from_metrics_when_the_checkpoint_is_not_here():
+    """A run evaluated from an ignored folder (runs/…) still shows its validation figure and training cost:
+    metrics.json carries the training summary, and the README row prefers the checkpoint's own config."""
+    from braintumor_flax.checkpoint_info import TrainingRecord
+
+    history = [{"epoch": 1, "val_accuracy": 0.81}, {"epoch": 2, "val_accuracy": 0.92},
+               {"kept_epoch": 2, "val_accuracy": 0.92}]
+    record = TrainingRecord(recipe="r", config={"epochs": 2}, history={"shared": history},
+                            timings_s={"total_s": 1800.0}, machine="test cpu")
+    training = evaluate._training_summary(record)
+    assert evaluate._training_summary(None) is None and "config" not in training
+    metrics = {"meta": {"recipe": "r", "checkpoint": "runs/x", "training": training}, "tumor": {}, "view": {}}
+    row = readme_table.recipes_markdown([(metrics, None)]).splitlines()[2]
+    assert "| 0.920 |" in row and "| 30 min, test cpu |" in row
+    edited = {"training": {**training, "history": {"shared": [{"val_accuracy": 0.5}]}}}
+    assert "| 0.500 |" in readme_table.recipes_markdown([(metrics, edited)]).splitlines()[2]

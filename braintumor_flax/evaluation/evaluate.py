@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from braintumor_flax import calibration
+from braintumor_flax.checkpoint_info import TrainingRecord
 from braintumor_flax.data.datasets import PreparedData, Split, prepare
 from braintumor_flax.evaluation import metrics
 from braintumor_flax.evaluation.predictions import Checkpoint, Logits, load_checkpoint, log, predict_splits
@@ -290,6 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": main_ckpt.pipeline.info.recipe,
         # Which datasets trained it (all by default): a test set of another source measures generalisation.
         "train_datasets": list(TrainConfig.from_record(main_ckpt.pipeline.info.training).train_datasets) or "all",
+        # How it was trained (history with the kept epoch, time, machine): the README's recipe table reads it here
+        # when the checkpoint itself is not in the repository (an evaluated run kept under runs/).
+        "training": _training_summary(main_ckpt.pipeline.info.training),
         "dataset_hash": prepared.dataset_hash,
         "dataset_hash_matches_training": (train_hash == prepared.dataset_hash) if train_hash else None,
         "splits": {name: len(s) for name, s in splits.items()},
@@ -343,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave the checkpoint's config.json / metrics.json / model card untouched")
     ap.add_argument("--readme", default="README.md", help="README whose results table to regenerate ('' = none)")
     return ap
+
+
+def _training_summary(record: TrainingRecord | None) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {"history": record.history, "timings_s": record.timings_s, "machine": record.machine}
 
 
 def main(argv: list[str] | None = None) -> int:

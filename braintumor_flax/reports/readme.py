@@ -128,7 +128,7 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
         def recall(m: dict[str, Any] | None) -> str:
             return f"{m['per_class']['meningioma']['recall']:.3f}" if m else "—"
 
-        training = (config or {}).get("training") or {}
+        training = (config or {}).get("training") or meta.get("training") or {}
         val, cost = "—", "—"
         for stage in ("shared", "tumor"):
             kept = [h for h in training.get("history", {}).get(stage, []) if "val_accuracy" in h]
