@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="python -m braintumor_flax.evaluation.segmentation output")
     ap.add_argument("--served", default="results/shared-frozen3/metrics.json",
                     help="the served model's metrics.json (its own generated block)")
-    ap.add_argument("--recipes", default="results/shared-frozen3/metrics.json,results/metrics.json",
+    ap.add_argument("--recipes", default="results/shared-frozen3/metrics.json,results/metrics.json,"
+                                         "results/shared-frozen3-style/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--generalization",
                     default="results/shared-frozen3/metrics.json,results/lodo-brisc2025/metrics.json,"
