@@ -90,8 +90,10 @@ def disagreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Slices the classifier calls "no tumour": how many the segmenter outlines a region on (the app's warning,
     `SliceResult.models_disagree`), and how many of those, and of the others, are tumours in truth."""
     answered_none = [r for r in rows if r["predicted_class"] == "no_tumor"]
-    flagged = [r for r in answered_none if outline_contradicts(r["predicted_class"], r["predicted_area_px"])]
-    quiet = [r for r in answered_none if not outline_contradicts(r["predicted_class"], r["predicted_area_px"])]
+    flagged: list[dict[str, Any]] = []
+    quiet: list[dict[str, Any]] = []
+    for r in answered_none:  # the app's rule, applied once per slice
+        (flagged if outline_contradicts(r["predicted_class"], r["predicted_area_px"]) else quiet).append(r)
     tumours_flagged = sum(r["tumor"] != "no_tumor" for r in flagged)
     tumours_quiet = sum(r["tumor"] != "no_tumor" for r in quiet)
     missed = tumours_flagged + tumours_quiet
