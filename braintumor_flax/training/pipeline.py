@@ -76,13 +76,15 @@ def _mesh() -> Mesh:
 class StageTrainer:
     """Holds the train state of one model and runs epochs over a StageData."""
 
-    def __init__(self, model: Model, config: TrainConfig, *, from_lower: bool, steps_per_epoch: int, name: str):
+    def __init__(self, model: Model, config: TrainConfig, *, from_lower: bool, steps_per_epoch: int, name: str,
+                 from_pooled: bool = False):
         self.config, self.from_lower, self.name = config, from_lower, name
         self.mesh = _mesh()
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         state = TrainState.create(model, make_optimizer(config, steps_per_epoch),
-                                  StepSettings.of(config, from_lower=from_lower), frozen_blocks=config.frozen_blocks)
+                                  StepSettings.of(config, from_lower=from_lower, from_pooled=from_pooled),
+                                  frozen_blocks=config.frozen_blocks)
         self.state = jax.device_put(state, self.replicated)
 
     # -- state ------------------------------------------------------------------------------------------
@@ -334,8 +336,11 @@ def _training_record(config: TrainConfig, data: PreparedData, history: dict[str,
         recipe=config.recipe, config=config.to_dict(), dataset_hash=data.dataset_hash,
         data_summary=f"split sizes after deduplication {counts}", history=history,
         timings_s={k: round(v, 1) for k, v in timings.items()},
-        machine=f"{cpu_model()}, {os.cpu_count()} cores, {jax.local_device_count()} × {jax.devices()[0].platform}",
-        jax_version=jax.__version__)
+        machine=machine_description(), jax_version=jax.__version__)
+
+
+def machine_description() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} cores, {jax.local_device_count()} × {jax.devices()[0].platform}"
 
 
 def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: str | Path, *,
@@ -362,7 +367,20 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     if config.model == "shared_trunk":
         if view_from is not None:
             raise ValueError("--view-from applies to the two-stage model only")
-        return train_shared_trunk(config, data, run_dir, resume=resume, weights_source=weights_source, log=log)
+        pipeline = train_shared_trunk(config, data, run_dir, resume=resume, weights_source=weights_source, log=log)
+    else:
+        pipeline = _train_two_stage(config, data, run_dir, timings, t0, resume=resume, weights_source=weights_source,
+                                    log=log, view_from=view_from)
+    if config.head_refit_epochs:
+        from braintumor_flax.training.head_refit import refit_tumor_head  # it builds on this module
+
+        refit_tumor_head(pipeline, data, config, run_dir, resume=resume, log=log)
+    return pipeline
+
+
+def _train_two_stage(config: TrainConfig, data: PreparedData, run_dir: Path, timings: dict[str, float], t0: float,
+                     *, resume: bool, weights_source: str | Path | None, log: Callable[[str], None],
+                     view_from: str | Path | None) -> BrainTumorPipeline:
     view_model, tumor_model = build_models(config, weights_source)
     t = time.perf_counter()
     train_split, val_split, train_x, val_x = _stage_inputs(config, data, view_model)

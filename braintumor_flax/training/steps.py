@@ -71,9 +71,14 @@ class StepSettings:
     pixel_augment: PixelAugment | None = None  # pixel inputs only: the source-robustness augmentation
     # The shared-trunk model: labels are [B, 2] (plane, tumour), -1 = unknown, masked out of its loss.
     multitask: bool = False
+    # The tumour head alone, on the frozen trunk's pooled output and the view feature (training.head_refit):
+    # vectors, so no augmentation here (the refit adds each image's mirror as its own example).
+    from_pooled: bool = False
 
     @classmethod
-    def of(cls, config: TrainConfig, *, from_lower: bool) -> StepSettings:
+    def of(cls, config: TrainConfig, *, from_lower: bool, from_pooled: bool = False) -> StepSettings:
+        if from_pooled:
+            return cls(False, label_smoothing=config.label_smoothing, from_pooled=True)
         pixel = PixelAugment(hflip=config.hflip, vflip=config.vflip) if config.pixel_augment and not from_lower \
             else None
         return cls(from_lower, config.hflip, config.vflip, config.zoom, config.label_smoothing, pixel,
@@ -100,9 +105,14 @@ class TrainState:
 
 
 def logits_of(model: Model, x: jax.Array, extra: jax.Array | None, *, from_lower: bool, train: bool,
-              key: jax.Array | None) -> jax.Array:
-    """Logits of one model from pixels or from cached lower-block features (`extra`: the view feature).
+              key: jax.Array | None, from_pooled: bool = False) -> jax.Array:
+    """Logits of one model from pixels, from cached lower-block features, or (the tumour model, `from_pooled`)
+    from its head's cached image input (`extra`: the view feature).
     The shared-trunk model returns (view logits, tumour logits)."""
+    if from_pooled:
+        if not isinstance(model, TumorClassifier):
+            raise TypeError("from_pooled trains the tumour head alone: pass the TumorClassifier")
+        return model.head_from_pooled(x, extra if model.config.use_view_feature else None, train=train, key=key)
     if isinstance(model, SharedTrunkClassifier):
         return (model.from_lower if from_lower else model)(x, train=train, key=key)
     if isinstance(model, ViewClassifier):
@@ -123,7 +133,7 @@ def _loss(params: nnx.State, state: TrainState, x: jax.Array, extra: jax.Array |
         x = augment_pixels(aug_key, x, s.pixel_augment)
     elif s.hflip or s.vflip or s.zoom > 0:
         x = augment_batch(aug_key, x, hflip=s.hflip, vflip=s.vflip, zoom=s.zoom)
-    logits = logits_of(model, x, extra, from_lower=s.from_lower, train=True, key=drop_key)
+    logits = logits_of(model, x, extra, from_lower=s.from_lower, train=True, key=drop_key, from_pooled=s.from_pooled)
     if s.multitask:
         (view_loss, _), (tumor_loss, tumor_acc) = (masked_loss(lg, labels[:, i], s.label_smoothing)
                                                    for i, lg in enumerate(logits))
@@ -155,4 +165,4 @@ def eval_step(state: TrainState, x: jax.Array, extra: jax.Array | None) -> jax.A
     """Deterministic logits (no augmentation, no dropout)."""
     model = nnx.merge(state.graphdef, state.params, state.rest)
     return logits_of(model, x.astype(jnp.float32), extra, from_lower=state.settings.from_lower, train=False,
-                     key=None)
+                     key=None, from_pooled=state.settings.from_pooled)
