@@ -27,7 +27,7 @@ import numpy as np
 
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.hub import BrainTumorPipeline
-from braintumor_flax.models.forward import Forward
+from braintumor_flax.models.forward import Forward, Outputs
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.pipeline import (
     StageData,
@@ -53,17 +53,24 @@ def refit_config(config: TrainConfig) -> TrainConfig:
                           keep_best=True, style_variants=0, pixel_augment=False)
 
 
-def head_inputs(pipeline: BrainTumorPipeline, split: Split, *, mirrored: bool = False, batch_size: int = 64
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(tumour head's image input, float16 [N, flat_dim]; view feature [N, 128] or None without the view
-    branch) of every image of `split`, from the (cached) lower-block outputs; `mirrored`: of the mirror images."""
+def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, mirrored: bool = False, batch_size: int = 64
+                  ) -> Outputs:
+    """`Forward`'s outputs with the tumour head's inputs (`head_inputs=True`) for every image of `split`, from the
+    (cached) lower-block outputs; `mirrored`: of the mirror images."""
     if not pipeline.shares_lower_blocks:
         raise ValueError("a head refit reads one cached lower-block output per image: the two models must share "
                          "their lower blocks")
     lower = lower_features(pipeline.view_model, split, batch_size=batch_size)
     if mirrored:  # [N, h, w, c]: mirror the width, as training's flip of a cached map does
         lower = np.ascontiguousarray(lower[:, :, ::-1])
-    out = Forward.from_pipeline(pipeline, batch_size=batch_size)(lower=lower, want_view=False, head_inputs=True)
+    return Forward.from_pipeline(pipeline, batch_size=batch_size)(lower=lower, want_view=False, head_inputs=True)
+
+
+def head_inputs(pipeline: BrainTumorPipeline, split: Split, *, mirrored: bool = False, batch_size: int = 64
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tumour head's image input, float16 [N, flat_dim]; view feature [N, 128] or None without the view
+    branch) of every image of `split`."""
+    out = trunk_outputs(pipeline, split, mirrored=mirrored, batch_size=batch_size)
     assert out.tumor_pooled is not None
     view_feature = out.view_feature if pipeline.tumor_model.config.use_view_feature else None
     return out.tumor_pooled.astype(np.float16), view_feature
