@@ -226,6 +226,13 @@ def test_head_refit_of_a_checkpoint_trains_the_tumour_head_alone(tiny_data, tmp_
     assert record.config["head_refit_epochs"] == 3 and "head_refit_s" in record.timings_s
     assert record.history["view"] and record.history["tumor"]  # the trunk stages' history is kept
     assert pipeline.info.calibration.fitted_on_validation
+    # Resumed after its last epoch, the run still keeps its best epoch (saved beside the train state).
+    resumed = tmp_path / "resumed"
+    assert train_main([*args[:-4], "--out", str(resumed), "--run-dir", str(tmp_path / "refit-run"), "--resume",
+                       "--refit-head", str(before)]) == 0
+    again = load_file(str(resumed / "tumor/model.safetensors"))
+    assert all(np.array_equal(new[k], again[k]) for k in new)
+    assert BrainTumorPipeline.from_pretrained(resumed).info.training.history["tumor_head"][-1] == refit[-1]
     with pytest.raises(SystemExit, match="not trained with recipe faithful"):
         train_main(["--data-dir", str(tiny_data), "--recipe", "faithful", "--head-refit-epochs", "3",
                     "--out", str(tmp_path / "x"), "--refit-head", str(before)])

@@ -93,19 +93,13 @@ class StageTrainer:
 
     def save_state(self, path: Path, epoch: int, history: list[dict], depends_on: str = "") -> None:
         """Resumable state as plain arrays (npz without pickles) + JSON; structure comes from the code."""
-        leaves = jax.tree.leaves((self.state.params, self.state.opt_state))
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **{f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
-        tmp.replace(path.with_suffix(".npz"))
+        _write_leaves(path, (self.state.params, self.state.opt_state))
         path.with_suffix(".json").write_text(
             json.dumps({"epoch": epoch, "history": history, "depends_on": depends_on}, indent=1))
 
     def load_state(self, path: Path) -> tuple[int, list[dict]]:
         meta = json.loads(path.with_suffix(".json").read_text())
-        treedef = jax.tree.structure((self.state.params, self.state.opt_state))
-        with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
-            leaves = [data[f"leaf_{i:05d}"] for i in range(len(data.files))]
-        params, opt_state = jax.tree.unflatten(treedef, leaves)
+        params, opt_state = _read_leaves(path, (self.state.params, self.state.opt_state))
         self.state = jax.device_put(self.state.replace(params=params, opt_state=opt_state), self.replicated)
         return int(meta["epoch"]), list(meta["history"])
 
@@ -163,6 +157,18 @@ class StageTrainer:
             return _loss_and_accuracy(logits, data.labels)
         view, tumor = (_loss_and_accuracy(lg, data.labels[:, i]) for i, lg in enumerate(logits))
         return {**tumor, "view_loss": view["loss"], "view_accuracy": view["accuracy"]}
+
+
+def _write_leaves(path: Path, tree: Any) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(tree))})
+    tmp.replace(path.with_suffix(".npz"))
+
+
+def _read_leaves(path: Path, like: Any) -> Any:
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as data:
+        leaves = [data[f"leaf_{i:05d}"] for i in range(len(data.files))]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def _loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -254,11 +260,19 @@ def fit_stage(trainer: StageTrainer, train: StageData, val: StageData, state_pat
     """
     start_epoch, history = 0, []
     best: tuple[float, int, Any] | None = None  # (val accuracy, epoch, params) with config.keep_best
+    # The best epoch's parameters are saved beside the state, so a resumed run (also one resumed after its last
+    # epoch) still keeps the best epoch of the whole run, not of its resumed part.
+    best_path = state_path.with_name(state_path.name + "_best")
     if resume and state_path.with_suffix(".npz").is_file():
         saved = json.loads(state_path.with_suffix(".json").read_text()).get("depends_on")
         if saved == depends_on:
             start_epoch, history = trainer.load_state(state_path)
             log(f"{trainer.name}: resumed after epoch {start_epoch}")
+            if trainer.config.keep_best and best_path.with_suffix(".npz").is_file():
+                meta = json.loads(best_path.with_suffix(".json").read_text())
+                if meta.get("depends_on") == depends_on and meta["epoch"] <= start_epoch:
+                    params = jax.device_put(_read_leaves(best_path, trainer.state.params), trainer.replicated)
+                    best = (meta["val_accuracy"], meta["epoch"], params)
         else:
             log(f"{trainer.name}: saved state was made from other inputs; training this stage from scratch")
     for epoch in range(start_epoch, trainer.config.epochs):
@@ -270,10 +284,13 @@ def fit_stage(trainer: StageTrainer, train: StageData, val: StageData, state_pat
         history.append(entry)
         log(f"{trainer.name} epoch {epoch + 1}/{trainer.config.epochs}: " + ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items() if k != "epoch"))
-        trainer.save_state(state_path, epoch + 1, history, depends_on)
         score = val_stats.get("accuracy", float("nan"))
         if trainer.config.keep_best and score == score and (best is None or score > best[0]):
             best = (score, epoch + 1, trainer.state.params)
+            _write_leaves(best_path, best[2])
+            best_path.with_suffix(".json").write_text(json.dumps(
+                {"epoch": epoch + 1, "val_accuracy": score, "depends_on": depends_on}))
+        trainer.save_state(state_path, epoch + 1, history, depends_on)
     if best is not None and best[1] != trainer.config.epochs:
         # Model selection on validation only (never a test set): the weights of the best epoch are kept.
         trainer.state = trainer.state.replace(params=best[2])
