@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} has another trunk than {args.model[0]}: run it on its own")
     data = prepare_training_data(first, args.data_dir or default_data_dir())
     train = data.splits["train"]
-    train_features = unit_rows(trunk_outputs(first, train).tumor_pooled)
+    train_features = unit_rows(trunk_outputs(first, train)[0].tumor_pooled)
     report: dict = {"models": args.model, "bins": list(BINS), "splits": {}}
     for split_name in (VAL_SPLIT, *TEST_SETS.values()):
         split = data.splits[split_name]
         known = split.tumor >= 0
         split = split.subset(known)
-        outs = [trunk_outputs(p, split) for p in pipelines]
+        outs = [trunk_outputs(p, split)[0] for p in pipelines]
         sims, index = nearest(train_features, unit_rows(outs[0].tumor_pooled))
         entry = {"n": len(split),
                  "similarity_quantiles": {q: round(float(np.quantile(sims, q / 100)), 4) for q in (10, 25, 50, 75, 90)},

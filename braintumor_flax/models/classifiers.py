@@ -123,12 +123,7 @@ class ViewClassifier(_VGGClassifier):
         self, last_conv: jax.Array, *, train: bool = False, key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         """Last conv activations → (logits, 128-d view feature)."""
-        return self.head_from_pooled(pooled_features(last_conv), train=train, key=key)
-
-    def head_from_pooled(
-        self, pooled: jax.Array, *, train: bool = False, key: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
-        feature = jax.nn.relu(self.feature(pooled))
+        feature = jax.nn.relu(self.feature(pooled_features(last_conv)))
         x = self.dropout(feature, deterministic=not train, rngs=key)
         return self.classifier(x), feature
 

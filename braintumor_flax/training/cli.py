@@ -59,17 +59,16 @@ def train_main(argv: list[str] | None = None) -> int:
         refit_tumor_head(pipeline, data, config, run_dir, resume=args.resume)
         # Only the tumour head changed: its temperature is refitted; the OOD check reads the lower blocks, unchanged.
         pipeline.info.calibration = fit_calibration(pipeline, data)
-        return _finish(pipeline, data, args, t0, finalize=False)
+        return _save(pipeline, args, t0)
     data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
                    seed=config.seed).training_from(config.train_datasets)
     pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
                               view_from=args.view_from, data=data)
-    return _finish(pipeline, data, args, t0)
+    finalize_pipeline(pipeline, data)
+    return _save(pipeline, args, t0)
 
 
-def _finish(pipeline: BrainTumorPipeline, data, args: argparse.Namespace, t0: float, *, finalize: bool = True) -> int:
-    if finalize:
-        finalize_pipeline(pipeline, data)
+def _save(pipeline: BrainTumorPipeline, args: argparse.Namespace, t0: float) -> int:
     pipeline.save_pretrained(args.out)
     print(f"saved checkpoint to {args.out} after {time.perf_counter() - t0:.0f} s")
     if args.push_to_hub:

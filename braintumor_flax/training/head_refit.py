@@ -53,37 +53,29 @@ def refit_config(config: TrainConfig) -> TrainConfig:
                           keep_best=True, style_variants=0, pixel_augment=False)
 
 
-def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, mirrored: bool = False, batch_size: int = 64
-                  ) -> Outputs:
-    """`Forward`'s outputs with the tumour head's inputs (`head_inputs=True`) for every image of `split`, from the
-    (cached) lower-block outputs; `mirrored`: of the mirror images."""
+def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool = False, batch_size: int = 64
+                  ) -> list[Outputs]:
+    """`Forward`'s outputs with the tumour head's inputs (`head_inputs=True`) for every image of `split`, from its
+    (cached) lower-block outputs, read once; `with_mirrors`: then also for the mirror images (a second entry)."""
     if not pipeline.shares_lower_blocks:
         raise ValueError("a head refit reads one cached lower-block output per image: the two models must share "
                          "their lower blocks")
     lower = lower_features(pipeline.view_model, split, batch_size=batch_size)
-    if mirrored:  # [N, h, w, c]: mirror the width, as training's flip of a cached map does
-        lower = np.ascontiguousarray(lower[:, :, ::-1])
-    return Forward.from_pipeline(pipeline, batch_size=batch_size)(lower=lower, want_view=False, head_inputs=True)
-
-
-def head_inputs(pipeline: BrainTumorPipeline, split: Split, *, mirrored: bool = False, batch_size: int = 64
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(tumour head's image input, float16 [N, flat_dim]; view feature [N, 128] or None without the view
-    branch) of every image of `split`."""
-    out = trunk_outputs(pipeline, split, mirrored=mirrored, batch_size=batch_size)
-    assert out.tumor_pooled is not None
-    view_feature = out.view_feature if pipeline.tumor_model.config.use_view_feature else None
-    return out.tumor_pooled.astype(np.float16), view_feature
+    # [N, h, w, c]: mirror the width, as training's flip of a cached map does
+    variants = [lower, np.ascontiguousarray(lower[:, :, ::-1])] if with_mirrors else [lower]
+    forward = Forward.from_pipeline(pipeline, batch_size=batch_size)  # compiled once for every variant
+    return [forward(lower=v, want_view=False, head_inputs=True) for v in variants]
 
 
 def _stage_data(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool, batch_size: int) -> StageData:
-    known = split.tumor >= 0
-    split = split.subset(known)
-    parts = [head_inputs(pipeline, split, mirrored=m, batch_size=batch_size)
-             for m in ((False, True) if with_mirrors else (False,))]
-    features = [p[1] for p in parts]
-    return StageData(np.concatenate([p[0] for p in parts]), np.concatenate([split.tumor] * len(parts)),
-                     None if features[0] is None else np.concatenate(features))
+    """The head's inputs (float16) and labels for the images of `split` with a tumour label, each mirror image
+    (`with_mirrors`) its own example."""
+    split = split.subset(split.tumor >= 0)
+    outs = trunk_outputs(pipeline, split, with_mirrors=with_mirrors, batch_size=batch_size)
+    view_feature = (np.concatenate([o.view_feature for o in outs])
+                    if pipeline.tumor_model.config.use_view_feature else None)
+    return StageData(np.concatenate([o.tumor_pooled for o in outs]).astype(np.float16),
+                     np.concatenate([split.tumor] * len(outs)), view_feature)
 
 
 def refit_tumor_head(pipeline: BrainTumorPipeline, data: PreparedData, config: TrainConfig, run_dir: str | Path, *,
@@ -115,10 +107,10 @@ def refit_tumor_head(pipeline: BrainTumorPipeline, data: PreparedData, config: T
         if "total_s" in timings:
             timings["total_s"] = round(timings["total_s"] + timings["head_refit_s"], 1)
         here = machine_description()
-        machine = record.machine if record.machine in ("", here) else f"{record.machine}; head refit: {here}"
+        machine = here if record.machine in ("", here) else f"{record.machine}; head refit: {here}"
         pipeline.info.training = dataclasses.replace(
             record, recipe=config.recipe, config=config.to_dict(), history={**record.history, "tumor_head": history},
-            timings_s=timings, machine=machine or here)
+            timings_s=timings, machine=machine)
     return pipeline
 
 
