@@ -62,3 +62,53 @@ def test_shards_respect_the_size_limit(tmp_path, tiny_pipeline_factory):
     a = Predictor(pipeline, batch_size=4).predict_arrays(x).tumor_logits
     b = Predictor(again, batch_size=4).predict_arrays(x).tumor_logits
     np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2)
+
+
+def test_pack_carries_masks_and_run_trains_the_decoder(tmp_path, tmp_cache):
+    """With masks in the pack, the run trains the mask decoder on the chosen trunk and the shards bring it back:
+    the unpacked checkpoint segments as one loaded from disk does (same masks, same threshold)."""
+    from test_segmentation import _write_brisc_like
+
+    from braintumor_flax.data.masks import split_masks
+    from braintumor_flax.data.splits import PreparedData
+    from braintumor_flax.hub import BrainTumorPipeline
+    from braintumor_flax.models.forward import Forward
+    from braintumor_flax.training.segmentation import SegTrainConfig
+
+    data_dir = tmp_path / "data"
+    data = PreparedData({"train": _write_brisc_like(data_dir, "train", 48, 0),
+                         "val": _write_brisc_like(data_dir, "val", 16, 1)}, report={}, dataset_hash="gen",
+                        image_size=SIZE)
+    manifest = gpu.write_pack(data, tmp_path / "pack", size=SIZE, masks_from=data_dir)
+    assert manifest["splits"]["train"]["masks"] == 36  # three in four slices have a tumour
+    for size in (SIZE, 2 * SIZE):  # the pack's own grid, and resized for a larger recipe
+        masks_of = gpu.read_pack_masks(tmp_path / "pack", image_size=size)
+        masks, known = masks_of(data.splits["val"])
+        truth, truth_known = split_masks(data.splits["val"], data_dir)
+        np.testing.assert_array_equal(known, truth_known)
+        if size == SIZE:
+            np.testing.assert_array_equal(masks, truth)
+        else:
+            np.testing.assert_array_equal(masks.sum(axis=(1, 2)) > 0, truth.sum(axis=(1, 2)) > 0)
+            np.testing.assert_allclose(masks.sum(axis=(1, 2)), 4 * truth.sum(axis=(1, 2)), rtol=0.35)
+    assert gpu.read_pack_masks(tmp_path / "no-pack", image_size=SIZE) is None
+
+    out = tmp_path / "OUT"
+    segment = SegTrainConfig(epochs=2, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2, full_res=True)
+    report = gpu.run(tmp_path / "pack", ["shared-finetune-128"], out, budget_s=600, overrides=TINY, segment=segment,
+                     log=lambda _: None)
+    assert report["segmentation"]["config"]["deep"]  # a shared trunk: the decoder reads its blocks 4-5
+    assert len(report["segmentation"]["history"]) == 2
+    returned = [p for p in out.iterdir() if p.is_file()]
+    assert len(returned) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in returned)
+
+    pipeline = gpu.import_weights(out)
+    assert pipeline.segmenter is not None and pipeline.segmenter.config.deep
+    assert pipeline.segmentation_record["kept_epoch"] == report["segmentation"]["kept_epoch"]
+    pipeline.save_pretrained(tmp_path / "ckpt")
+    loaded = BrainTumorPipeline.from_pretrained(tmp_path / "ckpt")
+    images = data.splits["val"].images
+    a = Forward.from_pipeline(pipeline, batch_size=8)(images, segment=True).mask_prob
+    b = Forward.from_pipeline(loaded, batch_size=8)(images, segment=True).mask_prob
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert loaded.segmenter.config.threshold == report["segmentation"]["threshold"]

@@ -6,6 +6,10 @@ bring the best one back as half-precision shards, and turn those into a checkpoi
         --recipes shared-finetune-128,shared-finetune-192
     python -m braintumor_flax.training.gpu unpack --weights <returned files> --out checkpoints-gpu
 
+With `--data-dir`, `pack` also carries BRISC's tumour masks (bit-packed, compressed), and `run` then trains the
+tumour-mask decoder on the chosen recipe's trunk (`--segment-epochs`, 0 for none), keeping its best validation
+epoch and threshold as on CPU (`training.segmentation`); the shards hold it too.
+
 Why this shape: a lent GPU machine receives at most 64 MiB of working tree and never `../shared`, and returns
 at most 8 files of 16 MiB. So `pack` writes the already deduplicated and split training and validation images
 as grey WebP (quality 80) into an ignored folder of the checkout; `run` needs nothing from the dataset
@@ -22,6 +26,7 @@ import io
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +36,21 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from braintumor_flax.checkpoint_info import CheckpointInfo
+from braintumor_flax.data.masks import MASK_THRESHOLD, split_masks
 from braintumor_flax.data.splits import PreparedData, Split
-from braintumor_flax.hub import BrainTumorPipeline, models_from_params, read_config, split_shared, write_config
+from braintumor_flax.hub import (
+    BrainTumorPipeline,
+    models_from_params,
+    read_config,
+    segmenter_from_params,
+    split_shared,
+    write_config,
+)
 from braintumor_flax.models.params import flat_params
 from braintumor_flax.training.config import get_recipe
 from braintumor_flax.training.fit_statistics import finalize_pipeline
 from braintumor_flax.training.pipeline import train_shared_trunk
+from braintumor_flax.training.segmentation import SegTrainConfig, train_segmenter
 
 PACK_VERSION = 1
 PACK_SPLITS = ("train", "val")
@@ -44,6 +58,9 @@ PACK_WEIGHTS = "vgg16_imagenet_fp16.safetensors"  # the GPU machine has no detec
 TRAVEL_LIMIT = 64 * 2**20  # what a GPU call may carry, tracked files included
 SHARD_BYTES = 15 * 2**20  # under the 16 MiB a returned file may have
 SHARD_PATTERN = "weights-{:05d}.safetensors"
+MASKS_FILE = "{}_masks.npz"
+# The served CPU decoder's settings (README, Segmentation), with more epochs: an epoch costs seconds on a GPU.
+GPU_SEGMENTER = SegTrainConfig(epochs=30, learning_rate=2e-3, full_res=True)
 
 
 # ----------------------------------------------------------------------------------------------- pack
@@ -62,9 +79,10 @@ def _utf8(values) -> np.ndarray:
 
 
 def write_pack(data: PreparedData, out: str | Path, *, size: int, quality: int = 80,
-               weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+               weights: dict[str, np.ndarray] | None = None, masks_from: str | Path | None = None) -> dict[str, Any]:
     """Train and validation splits as grey WebP blobs in one .npz per split, the ImageNet VGG16 convolutions
-    in float16 (when given), and a manifest with the sizes."""
+    in float16 (when given), the tumour masks on the pack's grid (when `masks_from`, the data folder, is given),
+    and a manifest with the sizes."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"version": PACK_VERSION, "size": size, "quality": quality,
@@ -80,9 +98,53 @@ def write_pack(data: PreparedData, out: str | Path, *, size: int, quality: int =
                  tumor=split.tumor, plane=split.plane, dataset=_utf8(split.dataset), paths=_utf8(split.paths),
                  content_hash=_utf8(split.content_hash))
         manifest["splits"][name] = {"n": len(split), "bytes": int(offsets[-1])}
+        if masks_from is not None:
+            manifest["splits"][name]["masks"] = _write_masks(split, masks_from, out / MASKS_FILE.format(name))
     manifest["total_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _write_masks(split: Split, data_dir: str | Path, path: Path) -> int:
+    """Which rows have a known mask, and the non-empty ones bit-packed (a mask is mostly zeros: compressed, a few
+    hundred bytes). Returns how many non-empty masks were written."""
+    masks, known = split_masks(split, data_dir)
+    rows = np.flatnonzero(known & masks.any(axis=(1, 2)))
+    np.savez_compressed(path, known=known, rows=rows, bits=np.packbits(masks[rows], axis=-1),
+                        side=np.int64(masks.shape[-1]))
+    return int(len(rows))
+
+
+def read_pack_masks(folder: str | Path, *, image_size: int
+                    ) -> Callable[[Split], tuple[np.ndarray, np.ndarray]] | None:
+    """The pack's masks as a `training.segmentation.MaskSource` (a split → its masks on an `image_size` grid,
+    and which rows have one), or None when the pack carries none."""
+    table: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in PACK_SPLITS:
+        path = Path(folder) / MASKS_FILE.format(name)
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            known, rows, side = z["known"], z["rows"], int(z["side"])
+            packed = np.unpackbits(z["bits"], axis=-1, count=side).astype(bool)
+        masks = np.zeros((len(known), image_size, image_size), bool)
+        for row, mask in zip(rows, packed, strict=True):
+            masks[row] = mask if side == image_size else _resized_mask(mask, image_size)
+        table[name] = (masks, known)
+
+    def masks_of(split: Split) -> tuple[np.ndarray, np.ndarray]:
+        masks, known = table[split.name]
+        if len(known) != len(split):
+            raise ValueError(f"the pack holds {len(known)} masks for {split.name}, the split has {len(split)} rows")
+        return masks, known
+
+    return masks_of
+
+
+def _resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A mask from the pack's grid onto another square grid (bilinear, thresholded at half, as `mask_to_grid`)."""
+    grey = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L")
+    return np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR)) >= MASK_THRESHOLD
 
 
 def read_pack(folder: str | Path, *, image_size: int) -> PreparedData:
@@ -116,8 +178,10 @@ def export_weights(pipeline: BrainTumorPipeline, out: str | Path, *, dtype: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shared, view_only, tumor_only = split_shared(flat_params(pipeline.view_model), flat_params(pipeline.tumor_model))
-    tensors = {f"{prefix}.{k}": v.astype(dtype) for prefix, part in (("shared", shared), ("view", view_only),
-                                                                      ("tumor", tumor_only)) for k, v in part.items()}
+    parts = [("shared", shared), ("view", view_only), ("tumor", tumor_only)]
+    if pipeline.segmenter is not None:
+        parts.append(("segmentation", flat_params(pipeline.segmenter)))
+    tensors = {f"{prefix}.{k}": v.astype(dtype) for prefix, part in parts for k, v in part.items()}
     shards: list[dict[str, np.ndarray]] = [{}]
     for name in sorted(tensors, key=lambda n: -tensors[n].nbytes):  # largest first: fewer, fuller shards
         if tensors[name].nbytes > shard_bytes:
@@ -150,7 +214,10 @@ def import_weights(folder: str | Path) -> BrainTumorPipeline:
         return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
     models = models_from_params(config, part("shared"), {task: part(task) for task in ("view", "tumor")})
-    return BrainTumorPipeline(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config))
+    segmentation = config.get("segmentation")
+    segmenter = segmenter_from_params(segmentation["config"], part("segmentation")) if segmentation else None
+    return BrainTumorPipeline(models["view"], models["tumor"], info=CheckpointInfo.from_dict(config),
+                              segmenter=segmenter, segmentation_record=(segmentation or {}).get("training"))
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -162,8 +229,11 @@ def _best_val(history: list[dict]) -> dict[str, float]:
 
 
 def run(pack: str | Path, recipes: list[str], out: str | Path, *, budget_s: float,
-        overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
-    """Train each recipe on the pack while the time budget lasts; export the best on validation."""
+        overrides: dict[str, Any] | None = None, segment: SegTrainConfig | None = GPU_SEGMENTER,
+        log=print) -> dict[str, Any]:
+    """Train each recipe on the pack while the time budget lasts; export the best on validation. Then, when the
+    pack carries masks and `segment` is given, train the tumour-mask decoder on that model's trunk and export
+    again with it (the classifier's shards are written first: a run stopped during the decoder keeps them)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -195,10 +265,28 @@ def run(pack: str | Path, recipes: list[str], out: str | Path, *, budget_s: floa
         raise RuntimeError("no recipe ran within the time budget")
     _, name, pipeline, data = best
     finalize_pipeline(pipeline, data)  # temperatures and OOD limits on the pack's own train / validation split
-    shards = export_weights(pipeline, out)
-    report.update(best=name, shards=[p.name for p in shards], total_s=round(time.perf_counter() - t0, 1))
-    (out / "gpu_log.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    _export(pipeline, out, report, best=name, started=t0)
+    masks_from = read_pack_masks(pack, image_size=data.image_size) if segment is not None else None
+    if masks_from is not None:
+        started = time.perf_counter()
+        # The decoder reads the chosen trunk's blocks 4-5 too when both heads share it (`deep`), as served on CPU.
+        config = dataclasses.replace(segment, deep=pipeline.shares_trunk)
+        segmenter, record = train_segmenter(pipeline.view_model.vgg, data, masks_from, config, log=log)
+        pipeline.attach_segmenter(segmenter, record)
+        report["segmentation"] = {"config": config.to_dict(), "kept_epoch": record["kept_epoch"],
+                                  "val_dice_at_threshold": record["val_dice_at_threshold"],
+                                  "threshold": record["threshold"], "history": record["history"],
+                                  "seconds": round(time.perf_counter() - started, 1)}
+        _export(pipeline, out, report, best=name, started=t0)
     return report
+
+
+def _export(pipeline: BrainTumorPipeline, out: Path, report: dict[str, Any], *, best: str, started: float) -> None:
+    for old in out.glob(SHARD_PATTERN.replace("{:05d}", "*")):  # a re-export may need fewer shards
+        old.unlink()
+    shards = export_weights(pipeline, out)
+    report.update(best=best, shards=[p.name for p in shards], total_s=round(time.perf_counter() - started, 1))
+    (out / "gpu_log.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -217,12 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=192, help="the largest input size the recipes use")
     p.add_argument("--quality", type=int, default=80, help="WebP quality")
     p.add_argument("--out", default="gpu_pack")
+    p.add_argument("--no-masks", action="store_true", help="leave BRISC's tumour masks out of the pack")
     r = sub.add_parser("run", help="train the recipes on a pack; export the best on validation")
     r.add_argument("--pack", default="gpu_pack")
     r.add_argument("--recipes", default="shared-finetune-128,shared-finetune-192")
     r.add_argument("--out", required=True)
     r.add_argument("--budget-s", type=float, default=520, help="start no recipe after this many seconds")
     r.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a config field")
+    r.add_argument("--segment-epochs", type=int, default=30,
+                   help="epochs of the tumour-mask decoder on the chosen trunk (0: none; needs a pack with masks)")
     u = sub.add_parser("unpack", help="returned shards -> an ordinary checkpoint folder")
     u.add_argument("--weights", required=True)
     u.add_argument("--out", required=True)
@@ -230,16 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pack":
         from braintumor_flax.data.datasets import prepare  # the dedup libraries: here, never on the GPU machine
         from braintumor_flax.models.pretrained import load_imagenet_vgg16
+        from braintumor_flax.paths import default_data_dir
 
-        manifest = write_pack(prepare(args.data_dir, image_size=args.size), args.out, size=args.size,
-                              quality=args.quality, weights=load_imagenet_vgg16())
+        data_dir = args.data_dir or default_data_dir()
+        manifest = write_pack(prepare(data_dir, image_size=args.size), args.out, size=args.size,
+                              quality=args.quality, weights=load_imagenet_vgg16(),
+                              masks_from=None if args.no_masks else data_dir)
         print(json.dumps(manifest))
         if manifest["total_bytes"] > TRAVEL_LIMIT - 4 * 2**20:
             print(f"WARNING: {manifest['total_bytes'] / 2**20:.1f} MiB leaves under 4 MiB of the 64 MiB a GPU call "
                   "carries for the code: use a smaller --size or --quality")
     elif args.command == "run":
+        segment = dataclasses.replace(GPU_SEGMENTER, epochs=args.segment_epochs) if args.segment_epochs > 0 else None
         report = run(args.pack, args.recipes.split(","), args.out, budget_s=args.budget_s,
-                     overrides=_overrides(args.set))
+                     overrides=_overrides(args.set), segment=segment)
         print(json.dumps({k: v for k, v in report.items() if k != "recipes"}))
     else:
         import_weights(args.weights).save_pretrained(args.out)

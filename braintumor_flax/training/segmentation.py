@@ -60,6 +60,13 @@ class SegTrainConfig:
 
 
 Skips = dict[str, np.ndarray]
+# Where the masks of a split come from: the data folder (BRISC's mask files), or a function of the split (a GPU
+# pack carries its masks: `training.gpu.read_pack_masks`). Either gives (bool [N, S, S] masks, bool [N] known).
+MaskSource = str | Path | Callable[[Split], tuple[np.ndarray, np.ndarray]]
+
+
+def masks_for(split: Split, source: MaskSource) -> tuple[np.ndarray, np.ndarray]:
+    return source(split) if callable(source) else split_masks(split, source)
 
 
 @struct.dataclass
@@ -138,8 +145,8 @@ class SegData:
     masks: np.ndarray
 
     @classmethod
-    def of(cls, split: Split, data_dir: str | Path, config: SegTrainConfig) -> SegData:
-        masks, known = split_masks(split, data_dir)
+    def of(cls, split: Split, masks_from: MaskSource, config: SegTrainConfig) -> SegData:
+        masks, known = masks_for(split, masks_from)
         rows = np.flatnonzero(known & np.isin(split.dataset, config.datasets))
         if config.max_images is not None:
             rows = rows[: config.max_images]
@@ -149,11 +156,13 @@ class SegData:
         return len(self.images)
 
 
-def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config: SegTrainConfig = SegTrainConfig(),
+def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, config: SegTrainConfig = SegTrainConfig(),
                     *, log: Callable[[str], None] = print) -> tuple[TumorSegmenter, dict[str, Any]]:
-    """Train a decoder over `vgg`'s frozen blocks 1-3 on the train split; keep the best epoch on validation."""
+    """Train a decoder over `vgg`'s frozen blocks 1-3 on the train split; keep the best epoch on validation.
+    `masks_from`: the data folder, or a function of a split giving its masks (`MaskSource`)."""
     t0 = time.perf_counter()
-    train, val = SegData.of(data.splits["train"], data_dir, config), SegData.of(data.splits["val"], data_dir, config)
+    train = SegData.of(data.splits["train"], masks_from, config)
+    val = SegData.of(data.splits["val"], masks_from, config)
     if len(train) < config.batch_size:
         raise ValueError(f"{len(train)} images with masks are fewer than one batch of {config.batch_size}")
     size = train.images.shape[1]
@@ -169,6 +178,10 @@ def train_segmenter(vgg: VGG16, data: PreparedData, data_dir: str | Path, config
     graphdef, params = nnx.split(segmenter)
     state = SegState(graphdef, tx, config, params, tx.init(params))
     train_skips, val_skips = encode_images(vgg, train.images, seg_config), encode_images(vgg, val.images, seg_config)
+    if jax.default_backend() != "cpu":
+        # On an accelerator the activations stay in its memory: batches are gathered there, not copied over each
+        # step (on the CPU they are host memory either way, and a second copy would double it).
+        train_skips = {k: jax.device_put(v) for k, v in train_skips.items()}
     log(f"segmenter: {len(train)} train / {len(val)} val slices with masks "
         f"({int(train.masks.any(axis=(1, 2)).sum())} / {int(val.masks.any(axis=(1, 2)).sum())} with tumour)")
     history: list[dict[str, Any]] = []
