@@ -7,7 +7,6 @@
     block2_conv2 (S/2)  ─ conv1×1 ─────────────────────────────────────────┘
     … full_res=False: conv1×1 → logit (S/2), bilinear ×2 → mask logit (S × S)
       full_res=True:  up ⊕ conv3×3 of the slice itself (S) → conv → conv1×1 → mask logit (S × S)
-      block1_skip=True (with full_res): ⊕ conv1×1 of block1_conv2 (S) too: VGG's full-resolution edges
 
 Every input is an activation the classifier's forward pass computes anyway (`models.forward`), so segmenting
 adds only the decoder. Blocks 1-3 are frozen ImageNet weights in every CPU recipe; `deep=True` also reads the
@@ -32,7 +31,6 @@ ENCODER_BLOCKS = 3  # the blocks every decoder reads (frozen in the CPU recipes)
 SKIP_LAYERS = ("block2_conv2", "block3_conv3", "block3_pool")
 DEEP_LAYERS = ("block4_conv3", "block5_conv3")  # of the trained upper blocks (deep=True)
 IMAGE = "image"  # the slice itself, as the full-resolution skip (full_res=True)
-BLOCK1 = "block1_conv2"  # VGG's full-resolution activations (block1_skip=True)
 # Without `full_res` the last level predicts at S/2 and the logit is upsampled bilinearly (cheaper); the served
 # decoder has the full-resolution level.
 
@@ -48,11 +46,6 @@ class SegmentationConfig:
     deep: bool = False  # also read blocks 4-5 (DEEP_LAYERS)
     full_res: bool = False  # a last level at S × S with the slice as its skip
     full_res_width: int = 16
-    block1_skip: bool = False  # the full-resolution level also reads block1_conv2 (needs full_res)
-
-    def __post_init__(self) -> None:
-        if self.block1_skip and not self.full_res:
-            raise ValueError("block1_skip feeds the full-resolution level: it needs full_res=True")
 
     @property
     def encoder_blocks(self) -> int:
@@ -63,8 +56,7 @@ class SegmentationConfig:
     def inputs(self) -> tuple[str, ...]:
         """What it reads: VGG activations (`encode` gives SKIP_LAYERS; deep ones come from the upper blocks) and,
         with `full_res`, the slice itself."""
-        return (SKIP_LAYERS + (DEEP_LAYERS if self.deep else ()) + ((IMAGE,) if self.full_res else ())
-                + ((BLOCK1,) if self.block1_skip else ()))
+        return SKIP_LAYERS + (DEEP_LAYERS if self.deep else ()) + ((IMAGE,) if self.full_res else ())
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "widths": list(self.widths)}
@@ -85,7 +77,7 @@ def encode(vgg: VGG16, images: jax.Array, last_block: int) -> tuple[jax.Array, d
         raise ValueError(f"the decoder reads VGG blocks 1-{ENCODER_BLOCKS}; the trunk stops at {last_block}")
     lower, inter = vgg(caffe_preprocess(images), last_block=last_block, return_intermediates=True)
     # The deep layers are here only when the lower stage reaches them; otherwise the upper blocks give them.
-    skips = {name: inter[name] for name in SKIP_LAYERS + DEEP_LAYERS + (BLOCK1,) if name in inter}
+    skips = {name: inter[name] for name in SKIP_LAYERS + DEEP_LAYERS if name in inter}
     skips[IMAGE] = image_skip(images)
     return lower, skips
 
@@ -131,7 +123,7 @@ class TumorSegmenter(nnx.Module):
     def __init__(self, config: SegmentationConfig, *, rngs: nnx.Rngs):
         self.config = config
         w8, w4, w2 = config.widths
-        c1, c2, c3, c4, c5 = (VGG16_BLOCKS[b][0] // config.width_divisor for b in (0, 1, 2, 3, 4))
+        c2, c3, c4, c5 = (VGG16_BLOCKS[b][0] // config.width_divisor for b in (1, 2, 3, 4))
 
         def conv(cin: int, cout: int, k: int = 3) -> nnx.Conv:
             return nnx.Conv(cin, cout, (k, k), padding="SAME", rngs=rngs)
@@ -148,9 +140,7 @@ class TumorSegmenter(nnx.Module):
         if config.full_res:
             w1 = config.full_res_width
             self.skip1 = conv(1, w1)
-            if config.block1_skip:
-                self.skip1_vgg = conv(c1, w1, 1)
-            self.fuse1 = conv(w2 + w1 * (2 if config.block1_skip else 1), w1)
+            self.fuse1 = conv(w2 + w1, w1)
             self.refine1 = conv(w1, w1)
             self.out = conv(w1, 1, 1)
         else:
@@ -173,10 +163,7 @@ class TumorSegmenter(nnx.Module):
             x = relu(fuse(jnp.concatenate([_up(x), relu(skip(skips[name]))], axis=-1)))
         if not cfg.full_res:
             return _up_bilinear(self.out(x)[..., 0])
-        full = [_up_bilinear(x), relu(self.skip1(skips[IMAGE]))]
-        if cfg.block1_skip:
-            full.append(relu(self.skip1_vgg(skips[BLOCK1])))
-        x = relu(self.fuse1(jnp.concatenate(full, axis=-1)))
+        x = relu(self.fuse1(jnp.concatenate([_up_bilinear(x), relu(self.skip1(skips[IMAGE]))], axis=-1)))
         return self.out(relu(self.refine1(x)))[..., 0]
 
 

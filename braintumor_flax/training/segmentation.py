@@ -51,10 +51,6 @@ class SegTrainConfig:
     dice_weight: float = 1.0
     deep: bool = False  # also read the classifier's VGG blocks 4-5 (SegmentationConfig.deep)
     full_res: bool = False  # a last decoder level at full resolution (SegmentationConfig.full_res)
-    block1_skip: bool = False  # that level also reads block1_conv2 (SegmentationConfig.block1_skip)
-    # Shift the activations and the mask together by up to this many pixels, in steps of 16 (VGG's coarsest
-    # stride: on that lattice a convolution's output shifts exactly with its input, away from the borders).
-    shift_px: int = 0
     seed: int = 0
     datasets: tuple[str, ...] = ("brisc2025",)  # the masks are BRISC's
     max_images: int | None = None  # cap per split (smoke tests)
@@ -109,26 +105,9 @@ def _loss(params: nnx.State, state: SegState, skips: dict[str, jax.Array], masks
         flip = jax.random.bernoulli(key, 0.5, (target.shape[0],))
         skips = {k: jnp.where(flip[:, None, None, None], v[:, :, ::-1], v) for k, v in skips.items()}
         target = jnp.where(flip[:, None, None], target[:, :, ::-1], target)
-    if cfg.shift_px:
-        skips, target = _shifted(skips, target, cfg.shift_px, jax.random.fold_in(key, 1))
     logits = nnx.merge(state.graphdef, params)(skips)
     bce = optax.sigmoid_binary_cross_entropy(logits, target).mean()
     return bce + cfg.dice_weight * (1.0 - soft_dice(jax.nn.sigmoid(logits), target)).mean()
-
-
-def _shifted(skips: dict[str, jax.Array], target: jax.Array, shift_px: int, key: jax.Array
-             ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """One random shift (dy, dx) of the batch, a multiple of 16 px, applied at every level's own stride: the
-    background the brain sits in wraps around the border."""
-    steps = shift_px // 16
-    dy, dx = jax.random.randint(key, (2,), -steps, steps + 1) * 16
-    side = target.shape[1]
-
-    def roll(a: jax.Array) -> jax.Array:
-        scale = side // a.shape[1]
-        return jnp.roll(a, (dy // scale, dx // scale), axis=(1, 2))
-
-    return {k: roll(v) for k, v in skips.items()}, roll(target)
 
 
 @cpu_jit
@@ -189,7 +168,7 @@ def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, conf
     size = train.images.shape[1]
     width_divisor = 64 // vgg.block1_conv1.kernel.get_value().shape[-1]
     seg_config = SegmentationConfig(image_size=size, width_divisor=width_divisor, deep=config.deep,
-                                    full_res=config.full_res, block1_skip=config.block1_skip)
+                                    full_res=config.full_res)
     seg_config = dataclasses.replace(seg_config, trunk_digest=trunk_digest(vgg, seg_config.encoder_blocks))
     segmenter = build_segmenter(seg_config, seed=config.seed)
     steps = len(train) // config.batch_size
@@ -280,12 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
     p.add_argument("--deep", action="store_true", help="also read the classifier's VGG blocks 4-5 (a shared trunk)")
     p.add_argument("--full-res", action="store_true", help="a last decoder level at full resolution")
-    p.add_argument("--block1-skip", action="store_true", help="that level also reads VGG's block1_conv2")
-    p.add_argument("--shift-px", type=int, default=0, help="shift augmentation, up to this many px (steps of 16)")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in ("epochs", "batch_size", "learning_rate", "max_images")
                  and v is not None}
-    overrides.update(deep=args.deep, full_res=args.full_res, block1_skip=args.block1_skip, shift_px=args.shift_px)
+    overrides.update(deep=args.deep, full_res=args.full_res)
     config = dataclasses.replace(SegTrainConfig(), **overrides)
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
     if args.dtype:
