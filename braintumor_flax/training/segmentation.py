@@ -143,6 +143,7 @@ def grid_dice(probs: np.ndarray, masks: np.ndarray, threshold: float) -> np.ndar
 class SegData:
     images: np.ndarray
     masks: np.ndarray
+    rows: np.ndarray  # which rows of the split these are
 
     @classmethod
     def of(cls, split: Split, masks_from: MaskSource, config: SegTrainConfig) -> SegData:
@@ -150,7 +151,7 @@ class SegData:
         rows = np.flatnonzero(known & np.isin(split.dataset, config.datasets))
         if config.max_images is not None:
             rows = rows[: config.max_images]
-        return cls(split.images[rows], masks[rows])
+        return cls(split.images[rows], masks[rows], rows)
 
     def __len__(self) -> int:
         return len(self.images)
