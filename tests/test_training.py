@@ -236,3 +236,5 @@ def test_head_refit_of_a_checkpoint_trains_the_tumour_head_alone(tiny_data, tmp_
     with pytest.raises(SystemExit, match="not trained with recipe faithful"):
         train_main(["--data-dir", str(tiny_data), "--recipe", "faithful", "--head-refit-epochs", "3",
                     "--out", str(tmp_path / "x"), "--refit-head", str(before)])
+    with pytest.raises(SystemExit, match="already refitted"):  # its record would not say it was refitted twice
+        train_main([*args[:-4], "--out", str(tmp_path / "twice"), "--refit-head", str(after)])

@@ -119,6 +119,9 @@ def check_refit_recipe(checkpoint_config: TrainConfig, recipe: TrainConfig) -> N
     plus the refit: every other field must agree."""
     if recipe.head_refit_epochs < 1:
         raise SystemExit(f"recipe {recipe.recipe} has no head refit (head_refit_epochs = 0)")
+    if checkpoint_config.head_refit_epochs > 0:  # a second refit would start from the refitted head, unrecorded
+        raise SystemExit(f"this checkpoint's tumour head was already refitted ({checkpoint_config.head_refit_epochs} "
+                         "epochs): refit the checkpoint it came from")
     ignored = {"recipe", *REFIT_FIELDS}
     trained, asked = checkpoint_config.to_dict(), recipe.to_dict()
     differ = sorted(k for k in asked if k not in ignored and trained.get(k) != asked[k])
