@@ -36,7 +36,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from braintumor_flax.checkpoint_info import CheckpointInfo
-from braintumor_flax.data.masks import MASK_THRESHOLD, split_masks
+from braintumor_flax.data.masks import mask_to_grid, split_masks
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.hub import (
     BrainTumorPipeline,
@@ -129,7 +129,7 @@ def read_pack_masks(folder: str | Path, *, image_size: int
             packed = np.unpackbits(z["bits"], axis=-1, count=side).astype(bool)
         masks = np.zeros((len(known), image_size, image_size), bool)
         for row, mask in zip(rows, packed, strict=True):
-            masks[row] = mask if side == image_size else _resized_mask(mask, image_size)
+            masks[row] = mask_to_grid(mask, image_size)  # a no-op on the pack's own grid
         table[name] = (masks, known)
 
     def masks_of(split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -139,12 +139,6 @@ def read_pack_masks(folder: str | Path, *, image_size: int
         return masks, known
 
     return masks_of
-
-
-def _resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """A mask from the pack's grid onto another square grid (bilinear, thresholded at half, as `mask_to_grid`)."""
-    grey = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L")
-    return np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR)) >= MASK_THRESHOLD
 
 
 def read_pack(folder: str | Path, *, image_size: int) -> PreparedData:
