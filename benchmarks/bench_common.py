@@ -47,6 +47,17 @@ def machine(loadavg_start: list[float] | None = None, ticks_start: list[int] | N
     return info
 
 
+def finish(path: str | Path, result: dict[str, Any], *, started: float, ticks: list[int] | None) -> int:
+    """A benchmark's last step: its wall time since `started` (a `time.perf_counter()`) and the machine (with
+    the CPU shares since `ticks`) added to `result`, which is written to `path`. Returns the exit status 0."""
+    import time
+
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine(ticks_start=ticks)
+    write_json(path, result)
+    return 0
+
+
 def write_json(path: str | Path, result: dict[str, Any]) -> None:
     """Write the result file (creating its folder) and print it."""
     out = Path(path)

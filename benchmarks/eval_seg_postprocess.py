@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import cpu_ticks, machine, write_json  # noqa: E402
+from bench_common import cpu_ticks, finish  # noqa: E402
 from flax import nnx  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["mirrored_slice_largest_component"] = dice_of(largest_component(pixel_mirror, served_threshold), masks)
         result["splits"][name] = entry
         print(name, entry, flush=True)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["machine"] = machine(ticks_start=ticks)
-    write_json(args.out, result)
-    return 0
+    return finish(args.out, result, started=t0, ticks=ticks)
 
 
 if __name__ == "__main__":

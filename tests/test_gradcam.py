@@ -23,14 +23,16 @@ def images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
 
 
-def _reference_cam(predictor: Predictor, image: np.ndarray, target: int) -> np.ndarray:
-    """Grad-CAM written out with jax.grad on the unfused models: d logit_c / d A, view feature held fixed."""
+def _reference_cam(predictor: Predictor, image: np.ndarray, target: int, *, per_position: bool = False
+                   ) -> np.ndarray:
+    """Grad-CAM written out with jax.grad on the unfused models: d logit_c / d A, view feature held fixed;
+    `per_position`: HiResCAM (the gradient itself as weights, not its mean over positions)."""
     view, tumor = predictor.pipeline.view_model, predictor.pipeline.tumor_model
     x = jnp.asarray(image[None])
     _, feature = view(x)
     activation = tumor.upper_convs(tumor.lower(x))
     grads = jax.grad(lambda a: tumor.head(a, feature)[0, target])(activation)
-    weights = np.asarray(grads).mean(axis=(1, 2), keepdims=True)
+    weights = np.asarray(grads) if per_position else np.asarray(grads).mean(axis=(1, 2), keepdims=True)
     return np.maximum((weights * np.asarray(activation)).sum(-1), 0)[0]
 
 
@@ -52,6 +54,18 @@ def test_explain_matches_predict_and_reference(predictor, images):
 def test_explicit_target_class(predictor, images):
     cams = predictor.explain_arrays(images[:1], target=np.array([2])).outputs.cam
     np.testing.assert_allclose(cams[0], _reference_cam(predictor, images[0], 2), rtol=1e-4, atol=1e-7)
+
+
+def test_hirescam_is_the_gradient_times_activation_per_position(predictor, images):
+    forward = predictor.forward
+    grad_cam = forward(images, explain=True).cam
+    hires = forward(images, explain=True, cam_method="hirescam")
+    for i in range(len(images)):
+        ref = _reference_cam(predictor, images[i], int(hires.target[i]), per_position=True)
+        np.testing.assert_allclose(hires.cam[i], ref, rtol=1e-4, atol=1e-6 * max(1.0, ref.max()))
+    assert not np.allclose(hires.cam, grad_cam)  # a different map, not the same one under another name
+    with pytest.raises(ValueError, match="cam_method"):
+        forward(images, explain=True, cam_method="gradcam++")
 
 
 def test_single_image_and_empty_batch(predictor, images):

@@ -21,7 +21,7 @@ from braintumor_flax.data.masks import (
     split_masks,
 )
 from braintumor_flax.data.splits import PreparedData, Split
-from braintumor_flax.evaluation.segmentation import disagreement, evaluate_segmentation
+from braintumor_flax.evaluation.segmentation import cam_against_mask, disagreement, evaluate_segmentation
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.labels import TUMOR_CLASSES
 from braintumor_flax.models.forward import Forward
@@ -155,6 +155,20 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
         two_trunks.attach_segmenter(segmenter, record)
         with pytest.raises(ValueError, match="one shared trunk"):
             Forward.from_pipeline(two_trunks)
+
+
+def test_a_map_is_scored_against_the_mask_after_upsampling():
+    mask = np.zeros((32, 32), bool)
+    mask[16:, 16:] = True  # the lower-right quarter
+    cam = np.zeros((4, 4), np.float32)
+    cam[3, 3] = 1.0
+    assert cam_against_mask(cam, mask)[0] and cam_against_mask(cam, mask)[1] > 0.9
+    cam = np.zeros((4, 4), np.float32)
+    cam[0, 0] = 1.0  # the opposite corner: its peak outside, almost none of its energy inside
+    peak, energy = cam_against_mask(cam, mask)
+    assert not peak and energy < 0.05
+    assert cam_against_mask(np.ones((4, 4), np.float32), mask)[1] == pytest.approx(0.25)  # a uniform map
+    assert cam_against_mask(np.zeros((4, 4), np.float32), mask) == (False, 0.0)  # a map that points nowhere
 
 
 def test_disagreement_counts_flagged_no_tumour_answers():

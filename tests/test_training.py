@@ -238,3 +238,10 @@ def test_head_refit_of_a_checkpoint_trains_the_tumour_head_alone(tiny_data, tmp_
                     "--out", str(tmp_path / "x"), "--refit-head", str(before)])
     with pytest.raises(SystemExit, match="already refitted"):  # its record would not say it was refitted twice
         train_main([*args[:-4], "--out", str(tmp_path / "twice"), "--refit-head", str(after)])
+    # With augmented copies of the training images the head trains on more examples and ends elsewhere.
+    views = tmp_path / "views"
+    assert train_main([*args[:-4], "--head-refit-views", "1", "--out", str(views), "--run-dir",
+                       str(tmp_path / "views-run"), "--refit-head", str(before)]) == 0
+    with_views = load_file(str(views / "tumor/model.safetensors"))
+    assert any(np.abs(with_views[k] - new[k]).max() > 1e-6 for k in head)
+    assert BrainTumorPipeline.from_pretrained(views).info.training.config["head_refit_views"] == 1

@@ -111,3 +111,17 @@ def test_shared_trunk_run_serves_one_trunk(data, tmp_path, tmp_cache, frozen_blo
     np.testing.assert_allclose(served.tumor_logits, saved["tumor_logits"], **tol)
     np.testing.assert_allclose(served.view_logits, saved["view_logits"], **tol)
     assert served.outputs.cam.shape == (len(val), SIZE // 16, SIZE // 16)
+
+
+def test_augmented_views_are_reproducible_distinct_copies():
+    from braintumor_flax.training.head_refit import augmented_views
+
+    images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    images[..., 1] = images[..., 2] = images[..., 0]  # grey slices, as MRI is
+    first, second = augmented_views(images, 2, seed=3, batch_size=2)
+    assert first.shape == images.shape and first.dtype == np.uint8
+    assert not np.array_equal(first, images) and not np.array_equal(first, second)
+    assert (first[..., 0] == first[..., 2]).all()  # a grey slice stays grey
+    again, _ = augmented_views(images, 2, seed=3, batch_size=2)
+    np.testing.assert_array_equal(again, first)  # same seed, same copies
+    assert not np.array_equal(augmented_views(images, 1, seed=4, batch_size=2)[0], first)

@@ -51,12 +51,23 @@ def _mean_ci(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
     return {"n": int(len(values)), "mean": float(values.mean()), "ci95": percentile_ci(means)}
 
 
+def cam_against_mask(cam: np.ndarray, grid_mask: np.ndarray) -> tuple[bool, float]:
+    """A coarse explanation map [h, w] against the true mask on the model grid [S, S]: is its peak inside the
+    mask (pointing game), and which share of its energy lies inside. The map is upsampled bilinearly onto the
+    grid first; an all-zero map points nowhere and has no energy inside."""
+    size = grid_mask.shape[0]
+    fine = grid_to_image(cam, size, size)
+    total = float(fine.sum())
+    if total <= 0:
+        return False, 0.0
+    return bool(grid_mask.flat[int(np.argmax(fine))]), float(fine[grid_mask].sum() / total)
+
+
 def slice_rows(split: Split, data_dir: Path, forward: Forward, threshold: float) -> list[dict[str, Any]]:
     """One row per slice: the classifier's answer and the predicted tumour area on the image's own pixels; where
     the true mask is known (BRISC tumour slices, every no-tumour slice) also Dice / IoU and the Grad-CAM checks."""
     grid_masks, known = split_masks(split, data_dir)
     out = forward(split.images, segment=True, explain=True)
-    size = split.images.shape[1]
     rows = []
     for i in range(len(split)):
         image_path = Path(data_dir) / split.paths[i]
@@ -77,11 +88,8 @@ def slice_rows(split: Split, data_dir: Path, forward: Forward, threshold: float)
             inter, union = int((pred & truth).sum()), int((pred | truth).sum())
             row["dice"] = 2 * inter / (pred.sum() + truth.sum())
             row["iou"] = inter / union
-            cam = grid_to_image(out.cam[i], size, size)  # the coarse map, bilinear onto the model grid
-            grid_mask = grid_masks[i]
-            row["cam_peak_inside"] = bool(grid_mask.flat[int(np.argmax(cam))])
-            row["cam_energy_inside"] = float(cam[grid_mask].sum() / cam.sum()) if cam.sum() > 0 else 0.0
-            row["mask_fraction"] = float(grid_mask.mean())  # a random point's / a uniform map's score
+            row["cam_peak_inside"], row["cam_energy_inside"] = cam_against_mask(out.cam[i], grid_masks[i])
+            row["mask_fraction"] = float(grid_masks[i].mean())  # a random point's / a uniform map's score
         rows.append(row)
     return rows
 

@@ -8,7 +8,10 @@ inside every compiled program; the optional outputs of the same call are
 * Grad-CAM (`explain=True`): the tumour model's last convolution (block5_conv3, before its pooling,
   [B, S/16, S/16, 512]) weighted by the gradient of one tumour logit (the predicted class, or `target`):
   ``w_k = mean_ij d logit_c / d A_ijk``, ``cam_ij = ReLU(sum_k w_k A_ijk)``. The view feature enters the
-  tumour head as a constant, so the map explains the tumour branch's own evidence;
+  tumour head as a constant, so the map explains the tumour branch's own evidence. `cam_method="hirescam"`
+  keeps the gradient per position instead, ``cam_ij = ReLU(sum_k d logit_c / d A_ijk * A_ijk)``: each
+  position's first-order share of the logit, faithful to a Flatten head where the mean gradient is not
+  (benchmarks/eval_explanations.py compares the two against the expert masks);
 * the spatial mean of the lower blocks' output (`pooled=True`, [B, 512]: the OOD check's feature);
 * the lower blocks' output itself (`keep_lower=True`, for on-disk caches);
 * what the tumour head reads (`head_inputs=True`: its branch's last conv pooled and flattened, [B, flat_dim];
@@ -35,6 +38,8 @@ from flax import nnx
 from braintumor_flax.models.classifiers import TumorClassifier, ViewClassifier, pooled_features
 from braintumor_flax.models.segmentation import TumorSegmenter, encode
 from braintumor_flax.xla import cpu_jit
+
+CAM_METHODS = ("gradcam", "hirescam")  # what `explain=True` maps (see the module docstring)
 
 
 class TwoModels(Protocol):
@@ -81,7 +86,8 @@ def pad_rows(array: np.ndarray, start: int, rows: int, padded: int, dtype: np.dt
 def two_stage(view: ViewClassifier | None, tumor: TumorClassifier | None, view_lower: jax.Array,
               tumor_lower: jax.Array | None, *, want_view: bool, explain: bool = False,
               target: jax.Array | None = None, share_trunk: bool = False,
-              upper: dict[str, jax.Array] | None = None, head_inputs: bool = False) -> dict[str, jax.Array]:
+              upper: dict[str, jax.Array] | None = None, head_inputs: bool = False,
+              cam_method: str = "gradcam") -> dict[str, jax.Array]:
     """Lower-block outputs → view logits and feature → tumour logits (+ Grad-CAM). Traced, never called eagerly.
 
     `share_trunk`: the models' whole VGG is one (the shared-trunk model): its upper blocks run once for both.
@@ -110,9 +116,9 @@ def two_stage(view: ViewClassifier | None, tumor: TumorClassifier | None, view_l
     # target < 0 means "the predicted class"; samples are independent, so one vjp serves the batch.
     chosen = jnp.where(target < 0, jnp.argmax(tumor_logits, axis=-1), target)
     (grads,) = pullback(jax.nn.one_hot(chosen, tumor_logits.shape[-1], dtype=tumor_logits.dtype))
-    channel_weights = grads.mean(axis=(1, 2), keepdims=True)
+    weights = grads if cam_method == "hirescam" else grads.mean(axis=(1, 2), keepdims=True)
     out["tumor_logits"] = tumor_logits
-    out["cam"] = jax.nn.relu((channel_weights * last_conv).sum(axis=-1))
+    out["cam"] = jax.nn.relu((weights * last_conv).sum(axis=-1))
     out["target"] = chosen
     return out
 
@@ -128,6 +134,7 @@ class _Program:
     keep_lower: bool
     segment: bool = False
     head_inputs: bool = False
+    cam_method: str = "gradcam"
 
 
 class Forward:
@@ -200,7 +207,7 @@ class Forward:
                 upper: dict[str, jax.Array] | None = {} if p.segment and self._segmenter_deep else None
                 out = two_stage(view, tumor, lower, tumor_lower, want_view=p.want_view, explain=p.explain,
                                 target=target, share_trunk=self.share_trunk, upper=upper,
-                                head_inputs=p.head_inputs)
+                                head_inputs=p.head_inputs, cam_method=p.cam_method)
                 if upper:
                     skips = {**upper, **skips}
                 if p.pooled:
@@ -234,7 +241,7 @@ class Forward:
     def __call__(self, images: np.ndarray | None = None, *, lower: np.ndarray | None = None, want_view: bool = True,
                  explain: bool = False, target: np.ndarray | None = None, pooled: bool = False,
                  keep_lower: bool = False, segment: bool = False, head_inputs: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> Outputs:
+                 cam_method: str = "gradcam", progress: Callable[[int, int], None] | None = None) -> Outputs:
         """Outputs for uint8 RGB `images` [N, S, S, 3], or for precomputed `lower` outputs [N, h, w, 512].
 
         From `lower`, both models read the same lower output, so the models must share their lower blocks.
@@ -245,6 +252,8 @@ class Forward:
             raise ValueError("these models have different lower blocks: pass images, not one lower output")
         if explain and not self.has_tumor:
             raise ValueError("Grad-CAM explains the tumour model, which this Forward does not hold")
+        if cam_method not in CAM_METHODS:
+            raise ValueError(f"cam_method must be one of {CAM_METHODS}, not {cam_method!r}")
         if head_inputs and not self.has_tumor:
             raise ValueError("head_inputs=True returns the tumour head's inputs: this Forward has no tumour model")
         if segment and (not self.has_segmenter or lower is not None):
@@ -253,7 +262,7 @@ class Forward:
         n = len(x)
         spec = _Program(from_lower=lower is not None, want_view=want_view, explain=explain, pooled=pooled,
                         keep_lower=keep_lower and lower is None,  # the lower output is not returned back
-                        segment=segment, head_inputs=head_inputs)
+                        segment=segment, head_inputs=head_inputs, cam_method=cam_method if explain else "gradcam")
         program = self._program(spec)
         targets = np.full((n,), -1, np.int32) if target is None else np.asarray(target, np.int32)
         parts: list[dict[str, np.ndarray]] = []

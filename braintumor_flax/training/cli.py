@@ -28,7 +28,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="ImageNet VGG16 weights (.h5, .onnx, .npz, .safetensors)")
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int),
-                      ("style-variants", int), ("head-refit-epochs", int)):
+                      ("style-variants", int), ("head-refit-epochs", int), ("head-refit-views", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
     p.add_argument("--train-datasets", nargs="+", default=None, metavar="DATASET",
                    help="train and validate on these datasets only (e.g. brisc2025); the test sets stay the same")
@@ -47,6 +47,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         image_size=args.image_size, seed=args.seed, label_smoothing=args.label_smoothing,
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images,
                         style_variants=args.style_variants, head_refit_epochs=args.head_refit_epochs,
+                        head_refit_views=args.head_refit_views,
                         train_datasets=tuple(args.train_datasets) if args.train_datasets else None)
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()

@@ -43,6 +43,9 @@ class TrainConfig:
     # (training/head_refit.py; seconds an epoch on a CPU), at this peak rate; the best epoch on validation kept.
     head_refit_epochs: int = 0
     head_refit_learning_rate: float = 1e-4
+    # ... and over this many pixel-augmented copies of each training image (training/augment.PixelAugment: scale,
+    # shift, rotation, intensity), each run through the frozen trunk once: the refit's aim at source differences.
+    head_refit_views: int = 0
     width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
     val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = DEFAULT_SEED
@@ -111,6 +114,11 @@ RECIPES: dict[str, TrainConfig] = {
                                         frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
                                         learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
                                         head_refit_epochs=30),
+    # shared-frozen3-refit whose head also trains on two pixel-augmented copies of every training image.
+    "shared-frozen3-refit-views": TrainConfig(recipe="shared-frozen3-refit-views", model="shared_trunk", epochs=6,
+                                              frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
+                                              learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1,
+                                              keep_best=True, head_refit_epochs=30, head_refit_views=2),
     # shared-frozen3 with one style-randomised copy of every training image (its block-3 features cached too):
     # aimed at the contrast shortcut ("FLAIR / T2 / CT look" = no tumour) of shared-frozen3 on the test sets.
     # Measured and not adopted: lower on validation and on both test sets (README, "Style randomisation").

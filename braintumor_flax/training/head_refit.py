@@ -6,10 +6,12 @@ computed once per image, an epoch of the tumour head alone takes seconds, so it 
 
 What it trains on: the tumour head's image input (the last convolution pooled and flattened, `Forward`'s
 `head_inputs`) and the view feature, for each training image and, as a second example, for its mirror image
-(the flip the trunk stages apply to cached lower-block maps). The trunk, the view head and so the view feature
-stay as they are; a segmenter reading that trunk still fits. The epoch with the best validation accuracy is
-kept; `finalize_pipeline` then refits the temperatures on validation. Both models of the two-stage recipes
-work the same way (the tumour model's own trunk gives its input).
+(the flip the trunk stages apply to cached lower-block maps), and, with `head_refit_views`, for that many
+pixel-augmented copies of it (`augment.PixelAugment`, seeded per copy, each run through the trunk once). The
+trunk, the view head and so the view feature stay as they are; a segmenter reading that trunk still fits. The
+epoch with the best validation accuracy is kept; `finalize_pipeline` then refits the temperatures on
+validation. Both models of the two-stage recipes work the same way (the tumour model's own trunk gives its
+input).
 
 An existing checkpoint gets this stage with
 `python train.py --refit-head CHECKPOINT --recipe RECIPE --out DIR`, where RECIPE is the checkpoint's recipe
@@ -23,11 +25,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.hub import BrainTumorPipeline
-from braintumor_flax.models.forward import Forward, Outputs
+from braintumor_flax.models.forward import Forward, Outputs, pad_rows, padded_chunks
+from braintumor_flax.training.augment import PixelAugment, augment_pixels
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.pipeline import (
     StageData,
@@ -42,7 +47,7 @@ from braintumor_flax.training.pipeline import (
 
 # TrainConfig fields that only the refit reads: a checkpoint trained without it differs from its "-refit"
 # recipe in these (and the name) alone.
-REFIT_FIELDS = ("head_refit_epochs", "head_refit_learning_rate")
+REFIT_FIELDS = ("head_refit_epochs", "head_refit_learning_rate", "head_refit_views")
 
 
 def refit_config(config: TrainConfig) -> TrainConfig:
@@ -67,11 +72,32 @@ def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: b
     return [forward(lower=v, want_view=False, head_inputs=True) for v in variants]
 
 
-def _stage_data(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool, batch_size: int) -> StageData:
+def augmented_views(images: np.ndarray, views: int, seed: int, batch_size: int = 64) -> list[np.ndarray]:
+    """`views` copies of uint8 `images` [N, S, S, 3], each image through one random `PixelAugment` (reproducible
+    from `seed`, copy and batch), back to uint8."""
+    aug = PixelAugment()
+    run = jax.jit(lambda key, x: augment_pixels(key, x, aug))
+    copies = []
+    for view in range(views):
+        parts = []
+        for start, rows, padded in padded_chunks(len(images), batch_size):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), view), start)
+            out = run(key, jnp.asarray(pad_rows(images, start, rows, padded)))
+            parts.append(np.asarray(jnp.round(out[:rows])).astype(np.uint8))
+        copies.append(np.concatenate(parts) if parts else images[:0])
+    return copies
+
+
+def _stage_data(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool, batch_size: int,
+                views: int = 0, seed: int = 0) -> StageData:
     """The head's inputs (float16) and labels for the images of `split` with a tumour label, each mirror image
-    (`with_mirrors`) its own example."""
+    (`with_mirrors`) and each augmented copy (`views`) its own example."""
     split = split.subset(split.tumor >= 0)
     outs = trunk_outputs(pipeline, split, with_mirrors=with_mirrors, batch_size=batch_size)
+    if views:
+        forward = Forward.from_pipeline(pipeline, batch_size=batch_size)
+        outs += [forward(copy, want_view=False, head_inputs=True)
+                 for copy in augmented_views(split.images, views, seed, batch_size)]
     view_feature = (np.concatenate([o.view_feature for o in outs])
                     if pipeline.tumor_model.config.use_view_feature else None)
     return StageData(np.concatenate([o.tumor_pooled for o in outs]).astype(np.float16),
@@ -90,9 +116,11 @@ def refit_tumor_head(pipeline: BrainTumorPipeline, data: PreparedData, config: T
     settings = refit_config(config)
     train = _cap(data.splits["train"], config.max_images)
     val = _cap(data.splits["val"], config.max_images)
-    train_data = _stage_data(pipeline, train, with_mirrors=True, batch_size=config.eval_batch_size)
+    train_data = _stage_data(pipeline, train, with_mirrors=True, batch_size=config.eval_batch_size,
+                             views=config.head_refit_views, seed=config.seed)
     val_data = _stage_data(pipeline, val, with_mirrors=False, batch_size=config.eval_batch_size)
-    log(f"tumour head refit: {len(train_data)} train examples (images and their mirrors) / {len(val_data)} val, "
+    log(f"tumour head refit: {len(train_data)} train examples (images, their mirrors and "
+        f"{config.head_refit_views} augmented copies) / {len(val_data)} val, "
         f"{settings.epochs} epochs at peak rate {settings.learning_rate:g}")
     trainer = StageTrainer(pipeline.tumor_model, settings, from_lower=False, from_pooled=True, name="tumor_head",
                            steps_per_epoch=max(1, len(train_data) // settings.batch_size))

@@ -1,0 +1,76 @@
+"""Two checkpoints trained on one source, compared on another source's *training* images: a selection set that
+neither model saw and that no test set is part of.
+
+Leave-one-dataset-out checkpoints (`train.py --train-datasets brisc2025`) never see Kaggle's training and
+validation images, so those images can choose between two recipes for robustness to an unseen source without
+touching a test set; the recipe chosen is then trained on all data and tested as usual. Also reported: each
+checkpoint's own validation accuracy (its training source).
+
+    python benchmarks/compare_unseen_source.py --a runs/ckpt-lodo-brisc-views --b runs/ckpt-lodo-brisc-refit \
+        [--out results/unseen_source_views.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+from bench_common import cpu_ticks, finish  # noqa: E402
+
+from braintumor_flax.data.datasets import prepare  # noqa: E402
+from braintumor_flax.evaluation.metrics import paired_accuracy_difference  # noqa: E402
+from braintumor_flax.hub import BrainTumorPipeline  # noqa: E402
+from braintumor_flax.labels import TUMOR_CLASSES  # noqa: E402
+from braintumor_flax.models.forward import Forward  # noqa: E402
+from braintumor_flax.paths import default_data_dir  # noqa: E402
+from braintumor_flax.training.config import TrainConfig  # noqa: E402
+
+
+def tumour_answers(pipeline: BrainTumorPipeline, images: np.ndarray) -> np.ndarray:
+    return Forward.from_pipeline(pipeline, batch_size=64)(images, want_view=False).tumor_logits.argmax(axis=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--a", type=Path, required=True, help="the candidate checkpoint")
+    ap.add_argument("--b", type=Path, required=True, help="the checkpoint it is compared with")
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "unseen_source.json")
+    args = ap.parse_args(argv)
+    ticks, t0 = cpu_ticks(), time.perf_counter()
+    pipelines = {k: BrainTumorPipeline.from_pretrained(p) for k, p in (("a", args.a), ("b", args.b))}
+    configs = {k: TrainConfig.from_record(p.info.training) for k, p in pipelines.items()}
+    seen = {k: tuple(c.train_datasets) for k, c in configs.items()}
+    if seen["a"] != seen["b"] or not seen["a"]:
+        raise SystemExit(f"both checkpoints must be trained on the same named datasets, not {seen}")
+    if (configs["a"].val_fraction, configs["a"].seed) != (configs["b"].val_fraction, configs["b"].seed):
+        raise SystemExit("the checkpoints split the data differently")
+    data = prepare(args.data_dir or default_data_dir(), image_size=pipelines["a"].view_model.config.image_size,
+                   val_fraction=configs["a"].val_fraction, seed=configs["a"].seed)
+    result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]), "sets": {}}
+    pools = {"unseen_source": [data.splits[s].subset(~np.isin(data.splits[s].dataset, seen["a"]))
+                               for s in ("train", "val")],
+             "own_validation": [data.splits["val"].subset(np.isin(data.splits["val"].dataset, seen["a"]))]}
+    for name, parts in pools.items():
+        images = np.concatenate([p.images for p in parts])
+        truth = np.concatenate([p.tumor for p in parts])
+        keep = truth >= 0
+        answers = {k: tumour_answers(p, images[keep]) for k, p in pipelines.items()}
+        entry = paired_accuracy_difference(truth[keep], answers["a"], answers["b"])
+        entry["datasets"] = sorted({d for p in parts for d in p.dataset})
+        men = truth[keep] == TUMOR_CLASSES.index("meningioma")
+        entry["meningioma_recall"] = {k: float((a[men] == truth[keep][men]).mean()) for k, a in answers.items()}
+        result["sets"][name] = entry
+        print(name, entry, flush=True)
+    return finish(args.out, result, started=t0, ticks=ticks)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
