@@ -4,7 +4,8 @@ neither model saw and that no test set is part of.
 Leave-one-dataset-out checkpoints (`train.py --train-datasets brisc2025`) never see Kaggle's training and
 validation images, so those images can choose between two recipes for robustness to an unseen source without
 touching a test set; the recipe chosen is then trained on all data and tested as usual. Also reported: each
-checkpoint's own validation accuracy (its training source).
+checkpoint's own validation accuracy (its training source), paired: for two checkpoints trained on all data
+that is the only set.
 
     python benchmarks/compare_unseen_source.py --a runs/ckpt-lodo-brisc-views --b runs/ckpt-lodo-brisc-refit \
         [--out results/unseen_source_views.json]
@@ -48,16 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     pipelines = {k: BrainTumorPipeline.from_pretrained(p) for k, p in (("a", args.a), ("b", args.b))}
     configs = {k: TrainConfig.from_record(p.info.training) for k, p in pipelines.items()}
     seen = {k: tuple(c.train_datasets) for k, c in configs.items()}
-    if seen["a"] != seen["b"] or not seen["a"]:
-        raise SystemExit(f"both checkpoints must be trained on the same named datasets, not {seen}")
+    if seen["a"] != seen["b"]:
+        raise SystemExit(f"both checkpoints must be trained on the same datasets, not {seen}")
     if (configs["a"].val_fraction, configs["a"].seed) != (configs["b"].val_fraction, configs["b"].seed):
         raise SystemExit("the checkpoints split the data differently")
     data = prepare(args.data_dir or default_data_dir(), image_size=pipelines["a"].view_model.config.image_size,
                    val_fraction=configs["a"].val_fraction, seed=configs["a"].seed)
-    result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]), "sets": {}}
-    pools = {"unseen_source": [data.splits[s].subset(~np.isin(data.splits[s].dataset, seen["a"]))
+    result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]) or "all", "sets": {}}
+    trained = seen["a"] or tuple(sorted(set(data.splits["train"].dataset)))
+    pools = {"unseen_source": [data.splits[s].subset(~np.isin(data.splits[s].dataset, trained))
                                for s in ("train", "val")],
-             "own_validation": [data.splits["val"].subset(np.isin(data.splits["val"].dataset, seen["a"]))]}
+             "own_validation": [data.splits["val"].subset(np.isin(data.splits["val"].dataset, trained))]}
+    pools = {k: v for k, v in pools.items() if sum(len(p) for p in v)}
     for name, parts in pools.items():
         images = np.concatenate([p.images for p in parts])
         truth = np.concatenate([p.tumor for p in parts])
