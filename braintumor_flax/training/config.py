@@ -114,7 +114,8 @@ RECIPES: dict[str, TrainConfig] = {
                                         frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
                                         learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
                                         head_refit_epochs=30),
-    # shared-frozen3-refit whose head also trains on two pixel-augmented copies of every training image.
+    # shared-frozen3-refit whose head also trains on two pixel-augmented copies of every training image. Measured
+    # and not adopted: more robust to an unseen source, significantly lower on validation (README, Results).
     "shared-frozen3-refit-views": TrainConfig(recipe="shared-frozen3-refit-views", model="shared_trunk", epochs=6,
                                               frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
                                               learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1,
