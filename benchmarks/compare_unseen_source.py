@@ -34,10 +34,6 @@ from braintumor_flax.paths import default_data_dir  # noqa: E402
 from braintumor_flax.training.config import TrainConfig  # noqa: E402
 
 
-def tumour_answers(pipeline: BrainTumorPipeline, images: np.ndarray) -> np.ndarray:
-    return Forward.from_pipeline(pipeline, batch_size=64)(images, want_view=False).tumor_logits.argmax(axis=1)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--a", type=Path, required=True, help="the candidate checkpoint")
@@ -61,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                                for s in ("train", "val")],
              "own_validation": [data.splits["val"].subset(np.isin(data.splits["val"].dataset, trained))]}
     pools = {k: v for k, v in pools.items() if sum(len(p) for p in v)}
+    forwards = {k: Forward.from_pipeline(p, batch_size=64) for k, p in pipelines.items()}  # compiled once each
     for name, parts in pools.items():
         images = np.concatenate([p.images for p in parts])
         truth = np.concatenate([p.tumor for p in parts])
         keep = truth >= 0
-        answers = {k: tumour_answers(p, images[keep]) for k, p in pipelines.items()}
+        answers = {k: f(images[keep], want_view=False).tumor_logits.argmax(axis=1) for k, f in forwards.items()}
         entry = paired_accuracy_difference(truth[keep], answers["a"], answers["b"])
         entry["datasets"] = sorted({d for p in parts for d in p.dataset})
         men = truth[keep] == TUMOR_CLASSES.index("meningioma")

@@ -43,7 +43,8 @@ from braintumor_flax.models.forward import Forward
 TEST_SPLITS = ("test_brisc2025", "test_kaggle")
 
 
-def _mean_ci(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
+def mean_ci(values: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
+    """The mean of `values` with its percentile bootstrap 95 % interval (`n_resamples` draws from `seed`)."""
     values = np.asarray(values, np.float64)
     if not len(values):
         return {"n": 0, "mean": None, "ci95": [None, None]}
@@ -118,16 +119,16 @@ def summarize(rows: list[dict[str, Any]], n_resamples: int = 1000, seed: int = 0
     summary: dict[str, Any] = {"slices": len(rows), "disagreement": disagreement(rows)}
     if tumour:
         dice = np.array([r["dice"] for r in tumour])
-        summary["dice"] = _mean_ci(dice, n_resamples, seed)
-        summary["iou"] = _mean_ci(np.array([r["iou"] for r in tumour]), n_resamples, seed)
+        summary["dice"] = mean_ci(dice, n_resamples, seed)
+        summary["iou"] = mean_ci(np.array([r["iou"] for r in tumour]), n_resamples, seed)
         summary["dice_median"] = float(np.median(dice))
-        summary["per_class"] = {c: _mean_ci(np.array([r["dice"] for r in tumour if r["tumor"] == c]), n_resamples, seed)
+        summary["per_class"] = {c: mean_ci(np.array([r["dice"] for r in tumour if r["tumor"] == c]), n_resamples, seed)
                                 for c in TUMOR_CLASSES if c != "no_tumor"}
-        summary["per_plane"] = {p: _mean_ci(np.array([r["dice"] for r in tumour if r["plane"] == p]), n_resamples, seed)
+        summary["per_plane"] = {p: mean_ci(np.array([r["dice"] for r in tumour if r["plane"] == p]), n_resamples, seed)
                                 for p in PLANES if any(r["plane"] == p for r in tumour)}
         summary["gradcam"] = {
-            "pointing_game": _mean_ci(np.array([r["cam_peak_inside"] for r in tumour], float), n_resamples, seed),
-            "energy_inside": _mean_ci(np.array([r["cam_energy_inside"] for r in tumour]), n_resamples, seed),
+            "pointing_game": mean_ci(np.array([r["cam_peak_inside"] for r in tumour], float), n_resamples, seed),
+            "energy_inside": mean_ci(np.array([r["cam_energy_inside"] for r in tumour]), n_resamples, seed),
             "random_baseline": float(np.mean([r["mask_fraction"] for r in tumour])),
         }
     if empty:

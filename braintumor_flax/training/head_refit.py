@@ -58,10 +58,12 @@ def refit_config(config: TrainConfig) -> TrainConfig:
                           keep_best=True, style_variants=0, pixel_augment=False)
 
 
-def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool = False, batch_size: int = 64
-                  ) -> list[Outputs]:
+def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool = False, views: int = 0,
+                  seed: int = 0, batch_size: int = 64) -> list[Outputs]:
     """`Forward`'s outputs with the tumour head's inputs (`head_inputs=True`) for every image of `split`, from its
-    (cached) lower-block outputs, read once; `with_mirrors`: then also for the mirror images (a second entry)."""
+    (cached) lower-block outputs, read once; `with_mirrors`: then also for the mirror images (a second entry);
+    `views`: then for that many pixel-augmented copies (`augmented_views`, through the whole trunk), one entry
+    each."""
     if not pipeline.shares_lower_blocks:
         raise ValueError("a head refit reads one cached lower-block output per image: the two models must share "
                          "their lower blocks")
@@ -69,7 +71,9 @@ def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: b
     # [N, h, w, c]: mirror the width, as training's flip of a cached map does
     variants = [lower, np.ascontiguousarray(lower[:, :, ::-1])] if with_mirrors else [lower]
     forward = Forward.from_pipeline(pipeline, batch_size=batch_size)  # compiled once for every variant
-    return [forward(lower=v, want_view=False, head_inputs=True) for v in variants]
+    outs = [forward(lower=v, want_view=False, head_inputs=True) for v in variants]
+    return outs + [forward(copy, want_view=False, head_inputs=True)
+                   for copy in augmented_views(split.images, views, seed, batch_size)]
 
 
 def augmented_views(images: np.ndarray, views: int, seed: int, batch_size: int = 64) -> list[np.ndarray]:
@@ -93,11 +97,7 @@ def _stage_data(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: boo
     """The head's inputs (float16) and labels for the images of `split` with a tumour label, each mirror image
     (`with_mirrors`) and each augmented copy (`views`) its own example."""
     split = split.subset(split.tumor >= 0)
-    outs = trunk_outputs(pipeline, split, with_mirrors=with_mirrors, batch_size=batch_size)
-    if views:
-        forward = Forward.from_pipeline(pipeline, batch_size=batch_size)
-        outs += [forward(copy, want_view=False, head_inputs=True)
-                 for copy in augmented_views(split.images, views, seed, batch_size)]
+    outs = trunk_outputs(pipeline, split, with_mirrors=with_mirrors, views=views, seed=seed, batch_size=batch_size)
     view_feature = (np.concatenate([o.view_feature for o in outs])
                     if pipeline.tumor_model.config.use_view_feature else None)
     return StageData(np.concatenate([o.tumor_pooled for o in outs]).astype(np.float16),
