@@ -18,7 +18,9 @@ from braintumor_flax.training.cli import train_main
 
 
 def _tiny_dataset(real: Path, dest: Path, per_class: int = 6) -> Path:
-    """A small copy of both publishers' layouts made of real files."""
+    """A small copy of both publishers' layouts made of real files (BRISC's tumour masks included)."""
+    from braintumor_flax.data.masks import mask_path_for
+
     brisc = real / "brisc2025" / "classification_task"
     kaggle = real / "kaggle-brain-tumor-mri"
     for split in ("train", "test"):
@@ -27,6 +29,9 @@ def _tiny_dataset(real: Path, dest: Path, per_class: int = 6) -> Path:
             out.mkdir(parents=True)
             for f in sorted(cls_dir.iterdir())[: per_class if split == "train" else 2]:
                 shutil.copy(f, out / f.name)
+                if mask_path_for(f).is_file():
+                    mask_path_for(out / f.name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(mask_path_for(f), mask_path_for(out / f.name))
     for split in ("Training", "Testing"):
         for cls_dir in sorted((kaggle / split).iterdir()):
             out = dest / "kaggle" / split / cls_dir.name
@@ -245,3 +250,10 @@ def test_head_refit_of_a_checkpoint_trains_the_tumour_head_alone(tiny_data, tmp_
     with_views = load_file(str(views / "tumor/model.safetensors"))
     assert any(np.abs(with_views[k] - new[k]).max() > 1e-6 for k in head)
     assert BrainTumorPipeline.from_pretrained(views).info.training.config["head_refit_views"] == 1
+    # With tumours pasted into the no-tumour slices (BRISC's masks, from the data folder) likewise.
+    pastes = tmp_path / "pastes"
+    assert train_main([*args[:-4], "--head-refit-pastes", "1", "--out", str(pastes), "--run-dir",
+                       str(tmp_path / "pastes-run"), "--refit-head", str(before)]) == 0
+    with_pastes = load_file(str(pastes / "tumor/model.safetensors"))
+    assert any(np.abs(with_pastes[k] - new[k]).max() > 1e-6 for k in head)
+    assert BrainTumorPipeline.from_pretrained(pastes).info.training.config["head_refit_pastes"] == 1

@@ -28,7 +28,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="ImageNet VGG16 weights (.h5, .onnx, .npz, .safetensors)")
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int),
-                      ("style-variants", int), ("head-refit-epochs", int), ("head-refit-views", int)):
+                      ("style-variants", int), ("head-refit-epochs", int), ("head-refit-views", int),
+                      ("head-refit-pastes", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
     p.add_argument("--train-datasets", nargs="+", default=None, metavar="DATASET",
                    help="train and validate on these datasets only (e.g. brisc2025); the test sets stay the same")
@@ -47,7 +48,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         image_size=args.image_size, seed=args.seed, label_smoothing=args.label_smoothing,
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images,
                         style_variants=args.style_variants, head_refit_epochs=args.head_refit_epochs,
-                        head_refit_views=args.head_refit_views,
+                        head_refit_views=args.head_refit_views, head_refit_pastes=args.head_refit_pastes,
                         train_datasets=tuple(args.train_datasets) if args.train_datasets else None)
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()
@@ -57,7 +58,7 @@ def train_main(argv: list[str] | None = None) -> int:
         pipeline = BrainTumorPipeline.from_pretrained(args.refit_head)
         check_refit_recipe(TrainConfig.from_record(pipeline.info.training), config)
         data = prepare_training_data(pipeline, data_dir)
-        refit_tumor_head(pipeline, data, config, run_dir, resume=args.resume)
+        refit_tumor_head(pipeline, data, config, run_dir, resume=args.resume, masks_from=data_dir)
         # Only the tumour head changed: its temperature is refitted; the OOD check reads the lower blocks, unchanged.
         pipeline.info.calibration = fit_calibration(pipeline, data)
         return _save(pipeline, args, t0)

@@ -46,6 +46,9 @@ class TrainConfig:
     # ... and over this many pixel-augmented copies of each training image (training/augment.PixelAugment: scale,
     # shift, rotation, intensity), each run through the frozen trunk once: the refit's aim at source differences.
     head_refit_views: int = 0
+    # ... and over this many slices per no-tumour training image with a BRISC tumour pasted in along its mask
+    # (training/lesion_paste.py, labelled with the donor's class): against the shortcut "this look = no tumour".
+    head_refit_pastes: int = 0
     width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
     val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = DEFAULT_SEED
@@ -120,6 +123,12 @@ RECIPES: dict[str, TrainConfig] = {
                                               frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
                                               learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1,
                                               keep_best=True, head_refit_epochs=30, head_refit_views=2),
+    # shared-frozen3-refit whose head also trains on one slice per no-tumour training image with a BRISC tumour
+    # pasted in (training/lesion_paste.py).
+    "shared-frozen3-refit-pastes": TrainConfig(recipe="shared-frozen3-refit-pastes", model="shared_trunk", epochs=6,
+                                               frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
+                                               learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1,
+                                               keep_best=True, head_refit_epochs=30, head_refit_pastes=1),
     # shared-frozen3 with one style-randomised copy of every training image (its block-3 features cached too):
     # aimed at the contrast shortcut ("FLAIR / T2 / CT look" = no tumour) of shared-frozen3 on the test sets.
     # Measured and not adopted: lower on validation and on both test sets (README, "Style randomisation").

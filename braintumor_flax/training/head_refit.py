@@ -7,7 +7,8 @@ computed once per image, an epoch of the tumour head alone takes seconds, so it 
 What it trains on: the tumour head's image input (the last convolution pooled and flattened, `Forward`'s
 `head_inputs`) and the view feature, for each training image and, as a second example, for its mirror image
 (the flip the trunk stages apply to cached lower-block maps), and, with `head_refit_views`, for that many
-pixel-augmented copies of it (`augment.PixelAugment`, seeded per copy, each run through the trunk once). The
+pixel-augmented copies of it (`augment.PixelAugment`, seeded per copy, each run through the trunk once), and,
+with `head_refit_pastes`, for no-tumour slices with a BRISC tumour pasted in (`lesion_paste`). The
 trunk, the view head and so the view feature stay as they are; a segmenter reading that trunk still fits. The
 epoch with the best validation accuracy is kept; `finalize_pipeline` then refits the temperatures on
 validation. Both models of the two-stage recipes work the same way (the tumour model's own trunk gives its
@@ -34,6 +35,7 @@ from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.models.forward import Forward, Outputs, pad_rows, padded_chunks
 from braintumor_flax.training.augment import PixelAugment, augment_pixels
 from braintumor_flax.training.config import TrainConfig
+from braintumor_flax.training.lesion_paste import paste_tumours
 from braintumor_flax.training.pipeline import (
     StageData,
     StageTrainer,
@@ -44,10 +46,11 @@ from braintumor_flax.training.pipeline import (
     lower_features,
     machine_description,
 )
+from braintumor_flax.training.segmentation import MaskSource, masks_for
 
 # TrainConfig fields that only the refit reads: a checkpoint trained without it differs from its "-refit"
 # recipe in these (and the name) alone.
-REFIT_FIELDS = ("head_refit_epochs", "head_refit_learning_rate", "head_refit_views")
+REFIT_FIELDS = ("head_refit_epochs", "head_refit_learning_rate", "head_refit_views", "head_refit_pastes")
 
 
 def refit_config(config: TrainConfig) -> TrainConfig:
@@ -59,18 +62,18 @@ def refit_config(config: TrainConfig) -> TrainConfig:
 
 
 def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool = False, views: int = 0,
-                  seed: int = 0, batch_size: int = 64) -> list[Outputs]:
+                  seed: int = 0, batch_size: int = 64, forward: Forward | None = None) -> list[Outputs]:
     """`Forward`'s outputs with the tumour head's inputs (`head_inputs=True`) for every image of `split`, from its
     (cached) lower-block outputs, read once; `with_mirrors`: then also for the mirror images (a second entry);
     `views`: then for that many pixel-augmented copies (`augmented_views`, through the whole trunk), one entry
-    each."""
+    each. `forward`: the pipeline's `Forward` with that batch size, if the caller has one compiled already."""
     if not pipeline.shares_lower_blocks:
         raise ValueError("a head refit reads one cached lower-block output per image: the two models must share "
                          "their lower blocks")
     lower = lower_features(pipeline.view_model, split, batch_size=batch_size)
     # [N, h, w, c]: mirror the width, as training's flip of a cached map does
     variants = [lower, np.ascontiguousarray(lower[:, :, ::-1])] if with_mirrors else [lower]
-    forward = Forward.from_pipeline(pipeline, batch_size=batch_size)  # compiled once for every variant
+    forward = forward or Forward.from_pipeline(pipeline, batch_size=batch_size)  # compiled once for every variant
     outs = [forward(lower=v, want_view=False, head_inputs=True) for v in variants]
     return outs + [forward(copy, want_view=False, head_inputs=True)
                    for copy in augmented_views(split.images, views, seed, batch_size)]
@@ -93,21 +96,37 @@ def augmented_views(images: np.ndarray, views: int, seed: int, batch_size: int =
 
 
 def _stage_data(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool, batch_size: int,
-                views: int = 0, seed: int = 0) -> StageData:
+                views: int = 0, seed: int = 0, pastes: int = 0, masks_from: MaskSource | None = None) -> StageData:
     """The head's inputs (float16) and labels for the images of `split` with a tumour label, each mirror image
-    (`with_mirrors`) and each augmented copy (`views`) its own example."""
+    (`with_mirrors`), each augmented copy (`views`) and each slice with a pasted tumour (`pastes` per no-tumour
+    slice, `lesion_paste`; their masks from `masks_from`) its own example."""
     split = split.subset(split.tumor >= 0)
-    outs = trunk_outputs(pipeline, split, with_mirrors=with_mirrors, views=views, seed=seed, batch_size=batch_size)
+    forward = Forward.from_pipeline(pipeline, batch_size=batch_size)
+    outs = trunk_outputs(pipeline, split, with_mirrors=with_mirrors, views=views, seed=seed, batch_size=batch_size,
+                         forward=forward)
+    labels = [split.tumor] * len(outs)
+    if pastes:
+        if masks_from is None:
+            raise ValueError("pasting tumours needs their masks: pass masks_from (the data folder)")
+        masks, known = masks_for(split, masks_from)
+        # A slice without a plane label (Kaggle) is taken to be in the plane the view model answers.
+        planes = np.where(split.plane >= 0, split.plane, outs[0].view_logits.argmax(axis=1))
+        images, pasted_labels = paste_tumours(split.images, split.tumor, split.plane, masks, known, planes,
+                                              copies=pastes, seed=seed)
+        outs.append(forward(images, want_view=False, head_inputs=True))
+        labels.append(pasted_labels)
     view_feature = (np.concatenate([o.view_feature for o in outs])
                     if pipeline.tumor_model.config.use_view_feature else None)
     return StageData(np.concatenate([o.tumor_pooled for o in outs]).astype(np.float16),
-                     np.concatenate([split.tumor] * len(outs)), view_feature)
+                     np.concatenate(labels), view_feature)
 
 
 def refit_tumor_head(pipeline: BrainTumorPipeline, data: PreparedData, config: TrainConfig, run_dir: str | Path, *,
-                     resume: bool = False, log: Callable[[str], None] = print) -> BrainTumorPipeline:
+                     resume: bool = False, masks_from: MaskSource | None = None,
+                     log: Callable[[str], None] = print) -> BrainTumorPipeline:
     """Train `pipeline`'s tumour head for `config.head_refit_epochs` over its frozen trunk; the pipeline gets the
-    refitted tumour model and its training record this stage's history and time (`tumor_head`)."""
+    refitted tumour model and its training record this stage's history and time (`tumor_head`). `masks_from`
+    (the data folder): where `config.head_refit_pastes` finds the tumour masks."""
     if config.head_refit_epochs < 1:
         raise ValueError("head_refit_epochs must be at least 1 for a refit")
     t0 = time.perf_counter()
@@ -117,10 +136,12 @@ def refit_tumor_head(pipeline: BrainTumorPipeline, data: PreparedData, config: T
     train = _cap(data.splits["train"], config.max_images)
     val = _cap(data.splits["val"], config.max_images)
     train_data = _stage_data(pipeline, train, with_mirrors=True, batch_size=config.eval_batch_size,
-                             views=config.head_refit_views, seed=config.seed)
+                             views=config.head_refit_views, seed=config.seed, pastes=config.head_refit_pastes,
+                             masks_from=masks_from)
     val_data = _stage_data(pipeline, val, with_mirrors=False, batch_size=config.eval_batch_size)
-    log(f"tumour head refit: {len(train_data)} train examples (images, their mirrors and "
-        f"{config.head_refit_views} augmented copies) / {len(val_data)} val, "
+    log(f"tumour head refit: {len(train_data)} train examples (images, their mirrors, "
+        f"{config.head_refit_views} augmented copies, {config.head_refit_pastes} pasted tumours per no-tumour slice) "
+        f"/ {len(val_data)} val, "
         f"{settings.epochs} epochs at peak rate {settings.learning_rate:g}")
     trainer = StageTrainer(pipeline.tumor_model, settings, from_lower=False, from_pooled=True, name="tumor_head",
                            steps_per_epoch=max(1, len(train_data) // settings.batch_size))

@@ -391,7 +391,7 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
     if config.head_refit_epochs:
         from braintumor_flax.training.head_refit import refit_tumor_head  # it builds on this module
 
-        refit_tumor_head(pipeline, data, config, run_dir, resume=resume, log=log)
+        refit_tumor_head(pipeline, data, config, run_dir, resume=resume, masks_from=data_dir, log=log)
     return pipeline
 
 
