@@ -29,6 +29,7 @@ from bench_common import cpu_ticks, finish  # noqa: E402
 from braintumor_flax.evaluation.metrics import paired_accuracy_difference  # noqa: E402
 from braintumor_flax.hub import BrainTumorPipeline  # noqa: E402
 from braintumor_flax.labels import TUMOR_CLASSES  # noqa: E402
+from braintumor_flax.models.forward import Forward  # noqa: E402
 from braintumor_flax.paths import default_data_dir  # noqa: E402
 from braintumor_flax.training.config import get_recipe  # noqa: E402
 from braintumor_flax.training.fit_statistics import prepare_training_data  # noqa: E402
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as run_dir:
             refit_tumor_head(pipeline, own, config, run_dir, masks_from=data_dir)
         result["refit_s"][key] = round(time.perf_counter() - t, 1)
+        forward = Forward.from_pipeline(pipeline, batch_size=64)  # compiled once for every image set
         for name, parts in pools.items():
-            answers[name][key] = np.concatenate([trunk_outputs(pipeline, p)[0].tumor_logits.argmax(axis=1)
-                                                 for p in parts])
+            answers[name][key] = np.concatenate([
+                trunk_outputs(pipeline, p, forward=forward)[0].tumor_logits.argmax(axis=1) for p in parts])
     for name, parts in pools.items():
         truth = np.concatenate([p.tumor for p in parts])
         keep = truth >= 0

@@ -20,9 +20,9 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from braintumor_flax.data.masks import NO_TUMOR
 from braintumor_flax.labels import TUMOR_CLASSES
 
-NO_TUMOR = TUMOR_CLASSES.index("no_tumor")
 TUMOUR_LABELS = tuple(i for i in range(len(TUMOR_CLASSES)) if i != NO_TUMOR)
 TISSUE_LEVEL = 20  # grey level (0-255) above which a pixel counts as head: the padding and the air lie below
 
@@ -98,12 +98,13 @@ def paste_tumours(images: np.ndarray, labels: np.ndarray, planes: np.ndarray, ma
     out_images: list[np.ndarray] = []
     out_labels: list[int] = []
     for r in np.flatnonzero(labels == NO_TUMOR):
+        plane = int(recipient_planes[r])
+        classes = [c for c in TUMOUR_LABELS if len(donors[c, plane])]
         for copy in range(copies):
             rng = np.random.default_rng([seed, int(r), copy])
-            classes = [c for c in TUMOUR_LABELS if len(donors[c, int(recipient_planes[r])])]
             for _ in range(settings.tries if classes else 0):
                 c = classes[rng.integers(len(classes))]
-                pool = donors[c, int(recipient_planes[r])]
+                pool = donors[c, plane]
                 d = int(pool[rng.integers(len(pool))])
                 pasted = paste_one(images[r], images[d], masks[d], mirror=bool(rng.integers(2)), settings=settings)
                 if pasted is not None:
