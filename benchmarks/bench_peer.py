@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     size = ckpt.pipeline.view_model.config.image_size
     from braintumor_flax.training.config import TrainConfig
 
-    training = TrainConfig.from_record(ckpt.pipeline.info.training).to_dict()
-    data = prepare(args.data_dir, image_size=size, val_fraction=float(training.get("val_fraction", 0.2)),
-                   seed=int(training.get("seed", 0)))
+    data = prepare(args.data_dir, image_size=size, **TrainConfig.from_record(ckpt.pipeline.info.training).split_args())
     temperature = ckpt.pipeline.info.calibration.tumor_temperature
     recipe = ckpt.pipeline.info.recipe or "?"
     ours_name = f"braintumor-flax ({recipe}, {size} px, JAX)"

@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("results/bench_training.json"))
     args = p.parse_args()
     config = get_recipe("faithful")
-    data = prepare(args.data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    data = prepare(args.data_dir, image_size=config.image_size, **config.split_args())
     train = data.splits["train"]
     n_plane, n_all = int((train.plane >= 0).sum()), len(train)
     n_val = len(data.splits["val"])

@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     seen = {k: tuple(c.train_datasets) for k, c in configs.items()}
     if seen["a"] != seen["b"]:
         raise SystemExit(f"both checkpoints must be trained on the same datasets, not {seen}")
-    if (configs["a"].val_fraction, configs["a"].seed) != (configs["b"].val_fraction, configs["b"].seed):
+    if configs["a"].split_args() != configs["b"].split_args():
         raise SystemExit("the checkpoints split the data differently")
     data = prepare(args.data_dir or default_data_dir(), image_size=pipelines["a"].view_model.config.image_size,
-                   val_fraction=configs["a"].val_fraction, seed=configs["a"].seed)
+                   **configs["a"].split_args())
     result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]) or "all", "sets": {}}
     trained = seen["a"] or tuple(sorted(set(data.splits["train"].dataset)))
     pools = {"unseen_source": [data.splits[s].subset(~np.isin(data.splits[s].dataset, trained))

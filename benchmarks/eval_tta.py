@@ -61,7 +61,7 @@ def main() -> int:
     pipeline = BrainTumorPipeline.from_pretrained(args.model)
     trained = TrainConfig.from_record(pipeline.info.training)
     data = prepare(args.data_dir or default_data_dir(), image_size=pipeline.view_model.config.image_size,
-                   val_fraction=trained.val_fraction, seed=trained.seed)
+                   **trained.split_args())
     forward = Forward.from_pipeline(pipeline, batch_size=16)
     result: dict = {"model": args.model, "rule": "adopt only if the validation gain's paired 95 % CI is above 0",
                     "note": "difference = accuracy with flips - without (paired bootstrap, exact McNemar)",

@@ -380,3 +380,92 @@ def test_augment_zoom_keeps_centre_and_zero_fills():
     means = y.mean(axis=(1, 2, 3))
     assert (means < 0.99).any() and np.isclose(means, 1.0).any()  # some zoom out (black border), some in
     assert y.min() >= 0 and y.max() <= 1 + 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# validation drawn by groups of look-alike images (data/grouping.py)
+
+
+def test_linked_groups_follow_chains_and_cosine_pairs_find_look_alikes():
+    from braintumor_flax.data.grouping import cosine_pairs, linked_groups
+
+    # 0-1 and 1-2 linked, 0-2 not: one chain; 3-4 linked; 5 alone
+    groups = linked_groups(6, np.array([0, 1, 3]), np.array([1, 2, 4]))
+    assert groups.tolist() == [0, 0, 0, 3, 3, 5]
+    features = np.array([[1, 0], [0.95, 0.3], [0, 1], [-1, 0]], np.float32)
+    first, second = cosine_pairs(features, 0.9, block=3)  # a block edge inside the rows
+    assert list(zip(first.tolist(), second.tolist(), strict=True)) == [(0, 1)]
+
+
+def test_grouping_specs_are_checked():
+    from braintumor_flax.data.grouping import parse_grouping
+
+    assert parse_grouping("") is None
+    assert parse_grouping("imagenet:0.85") == ("imagenet", 0.85)
+    assert parse_grouping("phash:6") == ("phash", 6.0)
+    for bad in ("imagenet", "cosine:0.9", "phash:x", "0.85"):
+        with pytest.raises(ValueError, match="validation grouping"):
+            parse_grouping(bad)
+
+
+def test_grouped_validation_keeps_groups_whole_and_each_stratum_within_its_share():
+    from braintumor_flax.data.grouping import grouped_stratified_val
+
+    rng = np.random.default_rng(3)
+    n = 400
+    keys = [("d", int(c)) for c in rng.integers(0, 3, n)]
+    groups = rng.integers(0, 120, n)  # groups of about 3, mixing strata
+    val = grouped_stratified_val(keys, groups, 0.2, seed=0)
+    for g in np.unique(groups):  # never split between training and validation
+        assert len(set(val[groups == g].tolist())) == 1
+    totals, taken = _stratum_counts(keys, np.ones(n, bool)), _stratum_counts(keys, val)
+    assert all(taken.get(k, 0) <= round(total * 0.2) for k, total in totals.items())
+    assert val.sum() >= 0.15 * n  # small groups fill most of the share
+    assert (grouped_stratified_val(keys, groups, 0.2, seed=0) == val).all()
+    assert (grouped_stratified_val(keys, groups, 0.2, seed=1) != val).any()
+    # All singletons: exactly the share of every stratum, as the one-by-one draw gives.
+    singles = grouped_stratified_val(keys, np.arange(n), 0.2, seed=0)
+    assert _stratum_counts(keys, singles) == _stratum_counts(keys, _stratified_val(keys, 0.2, 0))
+
+
+def _stratum_counts(keys: list[tuple], mask: np.ndarray) -> dict:
+    out: dict = {}
+    for key, v in zip(keys, mask, strict=True):
+        if v:
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def test_prepare_with_grouping_leaves_no_look_alike_across_train_and_validation(fake_root, tmp_cache):
+    """Real images: with "imagenet:C" no validation image is within C (cosine) of a training image, at any
+    training size; the random draw's hash is the one every earlier checkpoint recorded."""
+    from braintumor_flax.models.pretrained import imagenet_features
+
+    root = fake_root["root"]
+    random_draw = prepare(root, image_size=32, val_fraction=0.25, seed=0)
+    assert prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping="").dataset_hash \
+        == random_draw.dataset_hash
+    at_128 = prepare(root, image_size=128, val_fraction=0.25, seed=0)
+
+    image_at_128 = {p: image for name in ("train", "val")
+                    for p, image in zip(at_128.splits[name].paths, at_128.splits[name].images, strict=True)}
+
+    def unit_features(split: Split) -> np.ndarray:
+        f = imagenet_features(np.stack([image_at_128[p] for p in split.paths])).astype(np.float32)
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    pool = np.concatenate([unit_features(random_draw.splits["train"]), unit_features(random_draw.splits["val"])])
+    similarity = pool @ pool.T - 2 * np.eye(len(pool))
+    threshold = float(np.median(similarity.max(axis=1)))  # links about half of the images to a neighbour
+    spec = f"imagenet:{threshold:.4f}"
+    grouped = prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping=spec)
+    assert grouped.dataset_hash != random_draw.dataset_hash
+    assert grouped.splits["val"].paths == prepare(root, image_size=64, val_fraction=0.25, seed=0,
+                                                  val_grouping=spec).splits["val"].paths
+    train, val = unit_features(grouped.splits["train"]), unit_features(grouped.splits["val"])
+    assert len(val) > 0 and len(train) + len(val) == len(pool)
+    assert (val @ train.T).max() < float(f"{threshold:.4f}")
+    # Post-ReLU features are never opposed: at cosine 0 every image joins one group, too large for validation.
+    assert len(prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping="imagenet:0").splits["val"]) == 0
+    phash = prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping="phash:64")
+    assert len(phash.splits["val"]) == 0  # every hash is within 64 bits of every other

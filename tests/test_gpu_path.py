@@ -11,7 +11,7 @@ import numpy as np
 
 from braintumor_flax.serve.predictor import Predictor
 from braintumor_flax.training import gpu
-from braintumor_flax.training.config import RECIPES
+from braintumor_flax.training.config import RECIPES, TrainConfig
 
 SIZE = 32
 TINY = {"image_size": SIZE, "width_divisor": 16, "pretrained": False, "epochs": 1, "batch_size": 8,
@@ -25,8 +25,10 @@ def test_pack_run_unpack(tmp_path, tmp_cache):
 
     data = PreparedData({"train": _split("train", 48, 0), "val": _split("val", 16, 1)}, report={},
                         dataset_hash="generated-1", image_size=SIZE)
-    manifest = gpu.write_pack(data, tmp_path / "pack", size=SIZE)
+    # As if `pack --val-grouping phash:4` had split it: the run must record that, so the split can be re-created.
+    manifest = gpu.write_pack(data, tmp_path / "pack", size=SIZE, val_grouping="phash:4")
     assert manifest["splits"]["train"]["n"] == 48 and manifest["total_bytes"] < 200_000
+    assert gpu.pack_val_grouping(tmp_path / "pack") == "phash:4"
     back = gpu.read_pack(tmp_path / "pack", image_size=SIZE)
     assert back.splits["val"].images.shape == (16, SIZE, SIZE, 3)
     # Grey WebP at quality 80: the first channel comes back close (these noisy test images are a hard case).
@@ -46,6 +48,7 @@ def test_pack_run_unpack(tmp_path, tmp_cache):
 
     pipeline = gpu.import_weights(out)
     assert pipeline.info.calibration.fitted_on_validation and pipeline.info.ood is not None
+    assert TrainConfig.from_record(pipeline.info.training).val_grouping == "phash:4"
     pipeline.save_pretrained(tmp_path / "ckpt")
     predictor = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8)
     probs = predictor.predict_arrays(back.splits["val"].images).tumor_probs

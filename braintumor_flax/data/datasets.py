@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from braintumor_flax.data import dedup
+from braintumor_flax.data.grouping import GROUPING_SIZE, grouped_stratified_val, look_alike_groups, parse_grouping
 from braintumor_flax.data.imagecache import CACHE_VERSION, ImageCache
 from braintumor_flax.data.splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION, PreparedData, Record, Split
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES, normalize_plane, normalize_tumor
@@ -141,11 +142,14 @@ def _role(r: Record) -> str:
 
 
 def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fraction: float = DEFAULT_VAL_FRACTION,
-            seed: int = DEFAULT_SEED, cache: bool = True, workers: int = 2, verbose: bool = False) -> PreparedData:
+            seed: int = DEFAULT_SEED, val_grouping: str = "", cache: bool = True, workers: int = 2,
+            verbose: bool = False) -> PreparedData:
     """Discover, decode (cached), deduplicate and split the data under `data_dir`.
 
     Splits: "train", "val" (stratified by dataset x tumour x plane) and "test_<dataset>" per
-    labelled dataset; a plain image folder gives a single "predict" split.
+    labelled dataset; a plain image folder gives a single "predict" split. `val_grouping` draws
+    validation by groups of look-alike images (a spec of data/grouping.py, e.g. "imagenet:0.85");
+    "" draws images one by one.
     """
     t0 = time.perf_counter()
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -191,7 +195,17 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
     if "train" in by_role:
         pool = by_role.pop("train")
         keys = [(records[i].dataset, records[i].tumor, records[i].plane) for i in pool]
-        is_val = _stratified_val(keys, val_fraction, seed)
+        if parse_grouping(val_grouping) is not None:
+            def grouping_images() -> np.ndarray:  # the same split at any training size
+                sized = store if image_size == GROUPING_SIZE else ImageCache(
+                    GROUPING_SIZE, root=None if cache else Path(tmp.name) / f"s{GROUPING_SIZE}")
+                return sized.load(sized.lookup([records[i].path for i in pool], workers=workers)[0])
+
+            groups = look_alike_groups(val_grouping, phashes=np.array([entries[i].phash for i in pool], np.uint64),
+                                       images=grouping_images)
+            is_val = grouped_stratified_val(keys, groups, val_fraction, seed)
+        else:
+            is_val = _stratified_val(keys, val_fraction, seed)
         splits["train"] = make("train", [i for i, v in zip(pool, is_val, strict=True) if not v])
         splits["val"] = make("val", [i for i, v in zip(pool, is_val, strict=True) if v])
     for role in sorted(by_role):
@@ -200,15 +214,18 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
         tmp.cleanup()
 
     report = _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, cache_stats,
-                           image_size=image_size, val_fraction=val_fraction, seed=seed)
+                           image_size=image_size, val_fraction=val_fraction, seed=seed, val_grouping=val_grouping)
     report["timings"] = {"discover_s": round(t_discover, 2), "hash_and_decode_s": round(t_decode - t_discover, 2),
                          "dedup_s": round(t_dedup, 2), "total_s": round(time.perf_counter() - t0, 2)}
-    return PreparedData(splits, report, _dataset_hash(splits, image_size, val_fraction, seed), image_size, records)
+    return PreparedData(splits, report, _dataset_hash(splits, image_size, val_fraction, seed, val_grouping),
+                        image_size, records)
 
 
-def _dataset_hash(splits: dict[str, Split], image_size: int, val_fraction: float, seed: int) -> str:
+def _dataset_hash(splits: dict[str, Split], image_size: int, val_fraction: float, seed: int,
+                  val_grouping: str = "") -> str:
+    grouping = f" grouping={val_grouping}" if val_grouping else ""  # absent for the random draw: old hashes hold
     h = hashlib.sha256(f"v{PIPELINE_VERSION}/{CACHE_VERSION} size={image_size} val={val_fraction} "
-                       f"seed={seed}\n".encode())
+                       f"seed={seed}{grouping}\n".encode())
     for name in sorted(splits):
         s = splits[name]
         for p, c, t, pl in sorted(zip(s.paths, s.content_hash, s.tumor.tolist(), s.plane.tolist(), strict=True)):
@@ -312,11 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-grouping", default="",
+                    help="draw validation by groups of look-alike images, e.g. imagenet:0.85 (default: one by one)")
     ap.add_argument("--json", type=Path, default=None, help="write the full report here")
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args(argv)
     prep = prepare(args.data_dir, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed,
-                   cache=not args.no_cache, verbose=True)
+                   val_grouping=args.val_grouping, cache=not args.no_cache, verbose=True)
     print(format_report(prep.report))
     print(f"\ndataset_hash: {prep.dataset_hash}")
     if args.json:

@@ -160,10 +160,10 @@ def stratified_subset(split: Split, limit: int | None, seed: int) -> Split:
     return split.subset(np.sort(np.asarray(keep[:limit] if len(keep) > limit else keep, np.int64)))
 
 
-def _training_split_params(pipeline: BrainTumorPipeline) -> tuple[float, int, str | None]:
-    """Validation fraction and seed the checkpoint was trained with (train.py's config), and its data hash."""
-    config = TrainConfig.from_record(pipeline.info.training)
-    return config.val_fraction, config.seed, pipeline.info.dataset_hash
+def _training_split_params(pipeline: BrainTumorPipeline) -> tuple[dict[str, Any], str | None]:
+    """How the checkpoint's training split its data (validation fraction, seed, grouping; train.py's config),
+    and its data hash."""
+    return TrainConfig.from_record(pipeline.info.training).split_args(), pipeline.info.dataset_hash
 
 
 def _data_warnings(main: Checkpoint, ablation: Checkpoint | None, prepared: PreparedData) -> list[str]:
@@ -240,12 +240,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     main_ckpt = load_checkpoint(args.checkpoint)
     ablation_ckpt = load_checkpoint(args.ablation_checkpoint) if args.ablation_checkpoint else None
     image_size = main_ckpt.pipeline.view_model.config.image_size
-    val_fraction, seed, train_hash = _training_split_params(main_ckpt.pipeline)
+    split_args, train_hash = _training_split_params(main_ckpt.pipeline)
     timings["load_checkpoints_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    log(f"preparing data from {args.data_dir} (image size {image_size}, val fraction {val_fraction}, seed {seed})")
-    prepared = prepare(args.data_dir, image_size=image_size, val_fraction=val_fraction, seed=seed)
+    log(f"preparing data from {args.data_dir} (image size {image_size}, split {split_args})")
+    prepared = prepare(args.data_dir, image_size=image_size, **split_args)
     warnings = _data_warnings(main_ckpt, ablation_ckpt, prepared)
     hash_ok = not train_hash or train_hash == prepared.dataset_hash
     stored = {"main": stored_temperatures(main_ckpt.pipeline, args.calibration, hash_ok)}

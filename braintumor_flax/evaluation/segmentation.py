@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
     trained = TrainConfig.from_record(pipeline.info.training)
     data_dir = args.data_dir or default_data_dir()
-    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, val_fraction=trained.val_fraction,
-                   seed=trained.seed)
+    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, **trained.split_args())
     results, per_slice = evaluate_segmentation(pipeline, data, data_dir)
     results["checkpoint"] = str(args.checkpoint)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,38 @@ def assign_vgg16(vgg: VGG16, weights: Weights) -> None:
         conv: nnx.Conv = getattr(vgg, layer)
         conv.kernel.set_value(np.asarray(weights[f"{layer}.kernel"], conv.kernel.get_value().dtype))
         conv.bias.set_value(np.asarray(weights[f"{layer}.bias"], conv.bias.get_value().dtype))
+
+
+def imagenet_features(images: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    """float16 [N, 8192]: the ImageNet VGG16 convolutions (blocks 1-5, no label of ours ever trained them) on
+    uint8 RGB at 128 px, flattened. What look-alike images share (`data.grouping`); cached on disk by the
+    images' bytes, so a split that needs them is re-created in seconds."""
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from braintumor_flax.models.forward import pad_rows, padded_chunks
+    from braintumor_flax.models.vgg16 import caffe_preprocess
+    from braintumor_flax.xla import cpu_jit
+
+    images = np.ascontiguousarray(images, np.uint8)
+    weights = load_imagenet_vgg16()
+    key = hashlib.sha256(repr(images.shape).encode() + images.tobytes())
+    for name in sorted(weights):
+        key.update(np.ascontiguousarray(weights[name]).tobytes())
+    cached = cache_dir("imagenet-features") / f"{key.hexdigest()[:32]}.npy"
+    if cached.is_file():
+        return np.load(cached)
+    vgg = VGG16(rngs=nnx.Rngs(0))
+    assign_vgg16(vgg, weights)
+    graphdef, state = nnx.split(vgg)
+    run = cpu_jit(lambda st, x: nnx.merge(graphdef, st)(caffe_preprocess(x), last_block=5))
+    chunks = list(padded_chunks(len(images), batch_size))
+    parts = [np.asarray(run(state, jnp.asarray(pad_rows(images, start, rows, padded, np.uint8)))[:rows],
+                        np.float16).reshape(rows, -1)
+             for start, rows, padded in tqdm(chunks, desc="ImageNet VGG16 features", unit="batch",
+                                             dynamic_ncols=True, mininterval=5.0)]
+    features = np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+    tmp = cached.with_suffix(".tmp.npy")
+    np.save(tmp, features)
+    tmp.replace(cached)
+    return features

@@ -29,7 +29,7 @@ def train_parser() -> argparse.ArgumentParser:
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int),
                       ("style-variants", int), ("head-refit-epochs", int), ("head-refit-views", int),
-                      ("head-refit-pastes", int)):
+                      ("head-refit-pastes", int), ("val-grouping", str)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
     p.add_argument("--train-datasets", nargs="+", default=None, metavar="DATASET",
                    help="train and validate on these datasets only (e.g. brisc2025); the test sets stay the same")
@@ -49,6 +49,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images,
                         style_variants=args.style_variants, head_refit_epochs=args.head_refit_epochs,
                         head_refit_views=args.head_refit_views, head_refit_pastes=args.head_refit_pastes,
+                        val_grouping=args.val_grouping,
                         train_datasets=tuple(args.train_datasets) if args.train_datasets else None)
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()
@@ -62,8 +63,7 @@ def train_main(argv: list[str] | None = None) -> int:
         # Only the tumour head changed: its temperature is refitted; the OOD check reads the lower blocks, unchanged.
         pipeline.info.calibration = fit_calibration(pipeline, data)
         return _save(pipeline, args, t0)
-    data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
-                   seed=config.seed).training_from(config.train_datasets)
+    data = prepare(data_dir, image_size=config.image_size, **config.split_args()).training_from(config.train_datasets)
     pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
                               view_from=args.view_from, data=data)
     finalize_pipeline(pipeline, data)

@@ -52,6 +52,9 @@ class TrainConfig:
     width_divisor: int = 1  # > 1 narrows the VGG (tests); 1 = VGG16
     val_fraction: float = DEFAULT_VAL_FRACTION
     seed: int = DEFAULT_SEED
+    # Validation takes whole groups of look-alike images (a data/grouping.py spec, e.g. "imagenet:0.85"), so that it
+    # resembles the test sets' unseen patients; "": images drawn one by one (every checkpoint before the option).
+    val_grouping: str = ""
     eval_batch_size: int = 64
     max_images: int | None = None  # cap per split, for smoke tests
     # Train (and validate) on these datasets only, e.g. ("brisc2025",) to test on Kaggle as an unseen source;
@@ -60,6 +63,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def split_args(self) -> dict[str, Any]:
+        """How this config splits training from validation: `data.datasets.prepare(..., **config.split_args())`
+        re-creates the split wherever a checkpoint's split is needed."""
+        return {"val_fraction": self.val_fraction, "seed": self.seed, "val_grouping": self.val_grouping}
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

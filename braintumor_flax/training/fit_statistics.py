@@ -68,12 +68,11 @@ def finalize_pipeline(pipeline: BrainTumorPipeline, data: PreparedData, *, batch
 
 
 def prepare_training_data(pipeline: BrainTumorPipeline, data_dir: str | Path | None) -> PreparedData:
-    """The data split exactly as the checkpoint's training split it (its validation fraction and seed)."""
+    """The data split exactly as the checkpoint's training split it (its validation fraction, seed and grouping)."""
     from braintumor_flax.data.datasets import prepare  # needs the dedup libraries; training.gpu does not import it
 
     config = TrainConfig.from_record(pipeline.info.training)
-    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, val_fraction=config.val_fraction,
-                   seed=config.seed)
+    data = prepare(data_dir, image_size=pipeline.view_model.config.image_size, **config.split_args())
     trained_on = pipeline.info.dataset_hash
     if trained_on and trained_on != data.dataset_hash:
         raise SystemExit("this data is not the data the checkpoint was trained on (dataset hash differs)")

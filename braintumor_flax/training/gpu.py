@@ -79,14 +79,15 @@ def _utf8(values) -> np.ndarray:
 
 
 def write_pack(data: PreparedData, out: str | Path, *, size: int, quality: int = 80,
-               weights: dict[str, np.ndarray] | None = None, masks_from: str | Path | None = None) -> dict[str, Any]:
+               weights: dict[str, np.ndarray] | None = None, masks_from: str | Path | None = None,
+               val_grouping: str = "") -> dict[str, Any]:
     """Train and validation splits as grey WebP blobs in one .npz per split, the ImageNet VGG16 convolutions
     in float16 (when given), the tumour masks on the pack's grid (when `masks_from`, the data folder, is given),
-    and a manifest with the sizes."""
+    and a manifest with the sizes and how validation was drawn (`val_grouping`, as given to `prepare`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"version": PACK_VERSION, "size": size, "quality": quality,
-                                "dataset_hash": data.dataset_hash, "splits": {}}
+                                "dataset_hash": data.dataset_hash, "val_grouping": val_grouping, "splits": {}}
     if weights is not None:
         save_file({k: np.asarray(v, np.float16) for k, v in weights.items()}, str(out / PACK_WEIGHTS))
         manifest["weights"] = PACK_WEIGHTS
@@ -139,6 +140,11 @@ def read_pack_masks(folder: str | Path, *, image_size: int
         return masks, known
 
     return masks_of
+
+
+def pack_val_grouping(folder: str | Path) -> str:
+    """How the pack's validation split was drawn (`prepare(..., val_grouping=)`; "" in packs before the option)."""
+    return str(json.loads((Path(folder) / "manifest.json").read_text()).get("val_grouping", ""))
 
 
 def read_pack(folder: str | Path, *, image_size: int) -> PreparedData:
@@ -236,7 +242,8 @@ def run(pack: str | Path, recipes: list[str], out: str | Path, *, budget_s: floa
     best: tuple[tuple[float, float], str, BrainTumorPipeline, PreparedData] | None = None
     data_by_size: dict[int, PreparedData] = {}
     for name in recipes:
-        config = get_recipe(name, **(overrides or {}))
+        # The checkpoint records how the pack drew validation, so its split can be re-created from the data.
+        config = get_recipe(name, **(overrides or {})).replace(val_grouping=pack_val_grouping(pack))
         elapsed = time.perf_counter() - t0
         if elapsed > budget_s:
             report["recipes"][name] = {"skipped": f"time budget spent ({elapsed:.0f} s)"}
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=80, help="WebP quality")
     p.add_argument("--out", default="gpu_pack")
     p.add_argument("--no-masks", action="store_true", help="leave BRISC's tumour masks out of the pack")
+    p.add_argument("--val-grouping", default="",
+                   help="validation by groups of look-alike images, e.g. imagenet:0.85 (data/grouping.py)")
     r = sub.add_parser("run", help="train the recipes on a pack; export the best on validation")
     r.add_argument("--pack", default="gpu_pack")
     r.add_argument("--recipes", default="shared-finetune-128,shared-finetune-192")
@@ -318,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         from braintumor_flax.paths import default_data_dir
 
         data_dir = args.data_dir or default_data_dir()
-        manifest = write_pack(prepare(data_dir, image_size=args.size), args.out, size=args.size,
+        manifest = write_pack(prepare(data_dir, image_size=args.size, val_grouping=args.val_grouping), args.out,
+                              size=args.size, val_grouping=args.val_grouping,
                               quality=args.quality, weights=load_imagenet_vgg16(),
                               masks_from=None if args.no_masks else data_dir)
         print(json.dumps(manifest))

@@ -378,7 +378,7 @@ def train_pipeline(config: TrainConfig, data_dir: str | Path | None, run_dir: st
         # packed splits (training.gpu) does not have.
         from braintumor_flax.data.datasets import prepare
 
-        data = prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+        data = prepare(data_dir, image_size=config.image_size, **config.split_args())
     data = data.training_from(config.train_datasets)
     timings["data_s"] = time.perf_counter() - t0
     if config.model == "shared_trunk":
