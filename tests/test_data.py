@@ -439,6 +439,7 @@ def _stratum_counts(keys: list[tuple], mask: np.ndarray) -> dict:
 def test_prepare_with_grouping_leaves_no_look_alike_across_train_and_validation(fake_root, tmp_cache):
     """Real images: with "imagenet:C" no validation image is within C (cosine) of a training image, at any
     training size; the random draw's hash is the one every earlier checkpoint recorded."""
+    from braintumor_flax.data.datasets import format_report
     from braintumor_flax.models.pretrained import imagenet_features
 
     root = fake_root["root"]
@@ -460,6 +461,8 @@ def test_prepare_with_grouping_leaves_no_look_alike_across_train_and_validation(
     spec = f"imagenet:{threshold:.4f}"
     grouped = prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping=spec)
     assert grouped.dataset_hash != random_draw.dataset_hash
+    assert grouped.report["val_grouping"]["val_images"] == len(grouped.splits["val"])
+    assert f"validation by groups ({spec})" in format_report(grouped.report)
     assert grouped.splits["val"].paths == prepare(root, image_size=64, val_fraction=0.25, seed=0,
                                                   val_grouping=spec).splits["val"].paths
     train, val = unit_features(grouped.splits["train"]), unit_features(grouped.splits["val"])

@@ -192,6 +192,7 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
     for i in kept:
         by_role[_role(records[i])].append(i)
     splits: dict[str, Split] = {}
+    grouping: dict | None = None  # how validation was grouped, for the report
     if "train" in by_role:
         pool = by_role.pop("train")
         keys = [(records[i].dataset, records[i].tumor, records[i].plane) for i in pool]
@@ -204,6 +205,9 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
             groups = look_alike_groups(val_grouping, phashes=np.array([entries[i].phash for i in pool], np.uint64),
                                        images=grouping_images)
             is_val = grouped_stratified_val(keys, groups, val_fraction, seed)
+            sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
+            grouping = {"spec": val_grouping, "groups": len(sizes), "largest_group": int(sizes.max()),
+                        "single_images": int((sizes == 1).sum()), "val_images": int(is_val.sum())}
         else:
             is_val = _stratified_val(keys, val_fraction, seed)
         splits["train"] = make("train", [i for i, v in zip(pool, is_val, strict=True) if not v])
@@ -215,6 +219,8 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
 
     report = _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, cache_stats,
                            image_size=image_size, val_fraction=val_fraction, seed=seed, val_grouping=val_grouping)
+    if grouping is not None:
+        report["val_grouping"] = grouping
     report["timings"] = {"discover_s": round(t_discover, 2), "hash_and_decode_s": round(t_decode - t_discover, 2),
                          "dedup_s": round(t_dedup, 2), "total_s": round(time.perf_counter() - t0, 2)}
     return PreparedData(splits, report, _dataset_hash(splits, image_size, val_fraction, seed, val_grouping),
@@ -309,6 +315,10 @@ def format_report(report: dict) -> str:
     for k, v in d["removed_by_reason"].items():
         lines.append(f"    {k:<44}{v:>6}")
     lines.append(f"    {'total':<44}{d['removed_total']:>6}")
+    if "val_grouping" in report:
+        g = report["val_grouping"]
+        lines += ["", f"validation by groups ({g['spec']}): {g['groups']} groups, the largest {g['largest_group']} "
+                      f"images, {g['single_images']} alone; {g['val_images']} images in validation"]
     lines += ["", f"conflicting-label groups (all copies dropped): {len(report['conflicts'])}"]
     for c in report["conflicts"]:
         lines.append("  " + " = ".join(f"{p} [{t}/{pl}]" for p, t, pl in
