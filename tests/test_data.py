@@ -441,6 +441,7 @@ def test_prepare_with_grouping_leaves_no_look_alike_across_train_and_validation(
     training size; the random draw's hash is the one every earlier checkpoint recorded."""
     from braintumor_flax.data.datasets import format_report
     from braintumor_flax.models.pretrained import imagenet_features
+    from braintumor_flax.training.config import TrainConfig
 
     root = fake_root["root"]
     random_draw = prepare(root, image_size=32, val_fraction=0.25, seed=0)
@@ -459,16 +460,19 @@ def test_prepare_with_grouping_leaves_no_look_alike_across_train_and_validation(
     similarity = pool @ pool.T - 2 * np.eye(len(pool))
     threshold = float(np.median(similarity.max(axis=1)))  # links about half of the images to a neighbour
     spec = f"imagenet:{threshold:.4f}"
-    grouped = prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping=spec)
+    with pytest.raises(ValueError, match="needs the ImageNet features"):  # the data package imports no model
+        prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping=spec)
+    split = TrainConfig(val_fraction=0.25, seed=0, val_grouping=spec).split_args()
+    grouped = prepare(root, image_size=32, **split)
     assert grouped.dataset_hash != random_draw.dataset_hash
     assert grouped.report["val_grouping"]["val_images"] == len(grouped.splits["val"])
     assert f"validation by groups ({spec})" in format_report(grouped.report)
-    assert grouped.splits["val"].paths == prepare(root, image_size=64, val_fraction=0.25, seed=0,
-                                                  val_grouping=spec).splits["val"].paths
+    assert grouped.splits["val"].paths == prepare(root, image_size=64, **split).splits["val"].paths
     train, val = unit_features(grouped.splits["train"]), unit_features(grouped.splits["val"])
     assert len(val) > 0 and len(train) + len(val) == len(pool)
     assert (val @ train.T).max() < float(f"{threshold:.4f}")
     # Post-ReLU features are never opposed: at cosine 0 every image joins one group, too large for validation.
-    assert len(prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping="imagenet:0").splits["val"]) == 0
+    everything = TrainConfig(val_fraction=0.25, seed=0, val_grouping="imagenet:0").split_args()
+    assert len(prepare(root, image_size=32, **everything).splits["val"]) == 0
     phash = prepare(root, image_size=32, val_fraction=0.25, seed=0, val_grouping="phash:64")
     assert len(phash.splits["val"]) == 0  # every hash is within 64 bits of every other

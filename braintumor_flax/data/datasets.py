@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from braintumor_flax.data import dedup
-from braintumor_flax.data.grouping import GROUPING_SIZE, grouped_stratified_val, look_alike_groups, parse_grouping
+from braintumor_flax.data.grouping import (
+    GROUPING_SIZE,
+    Features,
+    grouped_stratified_val,
+    look_alike_groups,
+    parse_grouping,
+)
 from braintumor_flax.data.imagecache import CACHE_VERSION, ImageCache
 from braintumor_flax.data.splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION, PreparedData, Record, Split
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES, normalize_plane, normalize_tumor
@@ -142,14 +148,14 @@ def _role(r: Record) -> str:
 
 
 def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fraction: float = DEFAULT_VAL_FRACTION,
-            seed: int = DEFAULT_SEED, val_grouping: str = "", cache: bool = True, workers: int = 2,
-            verbose: bool = False) -> PreparedData:
+            seed: int = DEFAULT_SEED, val_grouping: str = "", look_alike_features: Features | None = None,
+            cache: bool = True, workers: int = 2, verbose: bool = False) -> PreparedData:
     """Discover, decode (cached), deduplicate and split the data under `data_dir`.
 
     Splits: "train", "val" (stratified by dataset x tumour x plane) and "test_<dataset>" per
     labelled dataset; a plain image folder gives a single "predict" split. `val_grouping` draws
-    validation by groups of look-alike images (a spec of data/grouping.py, e.g. "imagenet:0.85");
-    "" draws images one by one.
+    validation by groups of look-alike images (a spec of data/grouping.py, e.g. "imagenet:0.85", whose
+    features `look_alike_features` computes); "" draws images one by one.
     """
     t0 = time.perf_counter()
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -203,7 +209,7 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
                 return sized.load(sized.lookup([records[i].path for i in pool], workers=workers)[0])
 
             groups = look_alike_groups(val_grouping, phashes=np.array([entries[i].phash for i in pool], np.uint64),
-                                       images=grouping_images)
+                                       images=grouping_images, features=look_alike_features)
             is_val = grouped_stratified_val(keys, groups, val_fraction, seed)
             sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
             grouping = {"spec": val_grouping, "groups": len(sizes), "largest_group": int(sizes.max()),
@@ -340,12 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-grouping", default="",
-                    help="draw validation by groups of look-alike images, e.g. imagenet:0.85 (default: one by one)")
+                    help="draw validation by groups of look-alike images, e.g. phash:6 (default: one by one; "
+                         "the imagenet kind needs the models: train.py and the evaluation draw it)")
     ap.add_argument("--json", type=Path, default=None, help="write the full report here")
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args(argv)
-    prep = prepare(args.data_dir, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed,
-                   val_grouping=args.val_grouping, cache=not args.no_cache, verbose=True)
+    try:
+        prep = prepare(args.data_dir, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed,
+                       val_grouping=args.val_grouping, cache=not args.no_cache, verbose=True)
+    except ValueError as exc:  # a grouping this command cannot draw (the ImageNet kind needs the models)
+        raise SystemExit(f"error: {exc}") from None
     print(format_report(prep.report))
     print(f"\ndataset_hash: {prep.dataset_hash}")
     if args.json:

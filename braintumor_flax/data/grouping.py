@@ -76,9 +76,14 @@ def cosine_pairs(features: np.ndarray, threshold: float, block: int = 1024) -> t
     return np.concatenate(first), np.concatenate(second)
 
 
-def look_alike_groups(spec: str, *, phashes: np.ndarray, images: Callable[[], np.ndarray]) -> np.ndarray:
+Features = Callable[[np.ndarray], np.ndarray]  # uint8 RGB [N, 128, 128, 3] -> [N, D]
+
+
+def look_alike_groups(spec: str, *, phashes: np.ndarray, images: Callable[[], np.ndarray],
+                      features: Features | None = None) -> np.ndarray:
     """Group ids of the pool under a grouping spec. `images`: the pool at GROUPING_SIZE px (uint8 RGB), asked for
-    only by the ImageNet kind."""
+    only by the ImageNet kind, whose `features` the caller gives (`models.pretrained.imagenet_features`: the data
+    package does not import the models; `TrainConfig.split_args()` passes it)."""
     parsed = parse_grouping(spec)
     if parsed is None:
         return np.arange(len(phashes), dtype=np.int64)
@@ -86,9 +91,10 @@ def look_alike_groups(spec: str, *, phashes: np.ndarray, images: Callable[[], np
     if kind == "phash":
         first, second, _ = near_pairs(np.asarray(phashes, np.uint64), int(threshold))
     else:
-        from braintumor_flax.models.pretrained import imagenet_features  # JAX: only when this kind is asked for
-
-        first, second = cosine_pairs(imagenet_features(images()), threshold)
+        if features is None:
+            raise ValueError(f"validation grouping {spec!r} needs the ImageNet features: prepare the data through "
+                             "TrainConfig.split_args() (train.py, the evaluation and the benchmarks do)")
+        first, second = cosine_pairs(features(images()), threshold)
     return linked_groups(len(phashes), first, second)
 
 

@@ -244,7 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["load_checkpoints_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    log(f"preparing data from {args.data_dir} (image size {image_size}, split {split_args})")
+    log(f"preparing data from {args.data_dir} (image size {image_size}, val fraction {split_args['val_fraction']}, "
+        f"seed {split_args['seed']}, grouping {split_args['val_grouping'] or 'none'})")
     prepared = prepare(args.data_dir, image_size=image_size, **split_args)
     warnings = _data_warnings(main_ckpt, ablation_ckpt, prepared)
     hash_ok = not train_hash or train_hash == prepared.dataset_hash

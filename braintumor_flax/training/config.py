@@ -67,7 +67,10 @@ class TrainConfig:
     def split_args(self) -> dict[str, Any]:
         """How this config splits training from validation: `data.datasets.prepare(..., **config.split_args())`
         re-creates the split wherever a checkpoint's split is needed."""
-        return {"val_fraction": self.val_fraction, "seed": self.seed, "val_grouping": self.val_grouping}
+        from braintumor_flax.models.pretrained import imagenet_features  # what an "imagenet:" grouping compares
+
+        return {"val_fraction": self.val_fraction, "seed": self.seed, "val_grouping": self.val_grouping,
+                "look_alike_features": imagenet_features}
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -47,7 +47,7 @@ from braintumor_flax.hub import (
     write_config,
 )
 from braintumor_flax.models.params import flat_params
-from braintumor_flax.training.config import get_recipe
+from braintumor_flax.training.config import TrainConfig, get_recipe
 from braintumor_flax.training.fit_statistics import finalize_pipeline
 from braintumor_flax.training.pipeline import train_shared_trunk
 from braintumor_flax.training.segmentation import SegTrainConfig, train_segmenter
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         from braintumor_flax.paths import default_data_dir
 
         data_dir = args.data_dir or default_data_dir()
-        manifest = write_pack(prepare(data_dir, image_size=args.size, val_grouping=args.val_grouping), args.out,
+        split = TrainConfig(val_grouping=args.val_grouping).split_args()  # the default fraction and seed
+        manifest = write_pack(prepare(data_dir, image_size=args.size, **split), args.out,
                               size=args.size, val_grouping=args.val_grouping,
                               quality=args.quality, weights=load_imagenet_vgg16(),
                               masks_from=None if args.no_masks else data_dir)
