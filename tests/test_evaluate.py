@@ -323,7 +323,11 @@ def test_recipe_row_reads_training_from_metrics_when_the_checkpoint_is_not_here(
     assert evaluate._training_summary(None) is None and "config" not in training
     metrics = {"meta": {"recipe": "r", "checkpoint": "runs/x", "training": training}, "tumor": {}, "view": {}}
     row = readme_table.recipes_markdown([(metrics, None)]).splitlines()[2]
-    assert "| 0.920 |" in row and "| 30 min, test cpu |" in row
+    assert "| 0.920 |" in row and "| 30 min, test cpu |" in row and "validation by groups" not in row
+    grouped = evaluate._training_summary(TrainingRecord(recipe="r", config={"val_grouping": "imagenet:0.85"},
+                                                        history={"shared": history}))
+    metrics_grouped = {**metrics, "meta": {**metrics["meta"], "training": grouped}}
+    assert "| r, validation by groups `imagenet:0.85` |" in readme_table.recipes_markdown([(metrics_grouped, None)])
     edited = {"training": {**training, "history": {"shared": [{"val_accuracy": 0.5}]}}}
     assert "| 0.500 |" in readme_table.recipes_markdown([(metrics, edited)]).splitlines()[2]
 

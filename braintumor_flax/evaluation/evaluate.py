@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _training_summary(record: TrainingRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
-    return {"history": record.history, "timings_s": record.timings_s, "machine": record.machine}
+    # How validation was drawn: a grouped split's validation figure is of a harder split than the random draw's.
+    return {"history": record.history, "timings_s": record.timings_s, "machine": record.machine,
+            "val_grouping": TrainConfig.from_record(record).val_grouping}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,7 +142,11 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
         where = f"`{meta.get('checkpoint', '?')}`"
         if (config or {}).get("replaced_by"):
             where += f" before its {config['replaced_by']} (git history)"
-        lines.append(f"| {meta.get('recipe', '?')} | {where} | {val} | "
+        recipe = meta.get("recipe", "?")
+        grouping = training.get("val_grouping") or training.get("config", {}).get("val_grouping")
+        if grouping:  # its validation figure is of another, harder split
+            recipe += f", validation by groups `{grouping}`"
+        lines.append(f"| {recipe} | {where} | {val} | "
                      f"{acc(tumor.get('brisc2025_test'))} | {recall(tumor.get('brisc2025_test'))} | "
                      f"{acc(tumor.get('kaggle_test'))} | {recall(tumor.get('kaggle_test'))} | {view_acc} | {cost} |")
     lines += ["", "_Generated from each run's `metrics.json` (`python -m braintumor_flax.evaluation`) and its "
@@ -385,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the served model's metrics.json (its own generated block)")
     ap.add_argument("--recipes", default="results/shared-frozen3-refit/metrics.json,"
                                          "results/shared-frozen3/metrics.json,results/metrics.json,"
-                                         "results/shared-frozen3-style/metrics.json",
+                                         "results/shared-frozen3-style/metrics.json,"
+                                         "results/shared-frozen3-refit-grouped/metrics.json,"
+                                         "results/shared-frozen3-grouped/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--generalization",
                     default="results/shared-frozen3-refit/metrics.json,results/lodo-brisc2025-refit/metrics.json,"
