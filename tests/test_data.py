@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -428,12 +429,8 @@ def test_grouped_validation_keeps_groups_whole_and_each_stratum_within_its_share
     assert _stratum_counts(keys, singles) == _stratum_counts(keys, _stratified_val(keys, 0.2, 0))
 
 
-def _stratum_counts(keys: list[tuple], mask: np.ndarray) -> dict:
-    out: dict = {}
-    for key, v in zip(keys, mask, strict=True):
-        if v:
-            out[key] = out.get(key, 0) + 1
-    return out
+def _stratum_counts(keys: list[tuple], mask: np.ndarray) -> Counter:
+    return Counter(key for key, v in zip(keys, mask, strict=True) if v)
 
 
 def test_prepare_with_grouping_leaves_no_look_alike_across_train_and_validation(fake_root, tmp_cache):

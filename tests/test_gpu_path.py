@@ -23,10 +23,11 @@ def test_pack_run_unpack(tmp_path, tmp_cache):
 
     from braintumor_flax.data.splits import PreparedData
 
-    data = PreparedData({"train": _split("train", 48, 0), "val": _split("val", 16, 1)}, report={},
-                        dataset_hash="generated-1", image_size=SIZE)
-    # As if `pack --val-grouping phash:4` had split it: the run must record that, so the split can be re-created.
-    manifest = gpu.write_pack(data, tmp_path / "pack", size=SIZE, val_grouping="phash:4")
+    # As if `prepare(..., val_grouping="phash:4")` had split it (its report says so): the pack and then the run must
+    # record that, so the split can be re-created.
+    data = PreparedData({"train": _split("train", 48, 0), "val": _split("val", 16, 1)},
+                        report={"params": {"val_grouping": "phash:4"}}, dataset_hash="generated-1", image_size=SIZE)
+    manifest = gpu.write_pack(data, tmp_path / "pack", size=SIZE)
     assert manifest["splits"]["train"]["n"] == 48 and manifest["total_bytes"] < 200_000
     assert gpu.pack_val_grouping(tmp_path / "pack") == "phash:4"
     back = gpu.read_pack(tmp_path / "pack", image_size=SIZE)

@@ -211,7 +211,7 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
             groups = look_alike_groups(val_grouping, phashes=np.array([entries[i].phash for i in pool], np.uint64),
                                        images=grouping_images, features=look_alike_features)
             is_val = grouped_stratified_val(keys, groups, val_fraction, seed)
-            sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
+            sizes = np.unique(groups, return_counts=True)[1]
             grouping = {"spec": val_grouping, "groups": len(sizes), "largest_group": int(sizes.max()),
                         "single_images": int((sizes == 1).sum()), "val_images": int(is_val.sum())}
         else:

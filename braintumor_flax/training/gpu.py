@@ -79,15 +79,15 @@ def _utf8(values) -> np.ndarray:
 
 
 def write_pack(data: PreparedData, out: str | Path, *, size: int, quality: int = 80,
-               weights: dict[str, np.ndarray] | None = None, masks_from: str | Path | None = None,
-               val_grouping: str = "") -> dict[str, Any]:
+               weights: dict[str, np.ndarray] | None = None, masks_from: str | Path | None = None) -> dict[str, Any]:
     """Train and validation splits as grey WebP blobs in one .npz per split, the ImageNet VGG16 convolutions
     in float16 (when given), the tumour masks on the pack's grid (when `masks_from`, the data folder, is given),
-    and a manifest with the sizes and how validation was drawn (`val_grouping`, as given to `prepare`)."""
+    and a manifest with the sizes and how validation was drawn (the `val_grouping` `prepare` recorded)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"version": PACK_VERSION, "size": size, "quality": quality,
-                                "dataset_hash": data.dataset_hash, "val_grouping": val_grouping, "splits": {}}
+                                "dataset_hash": data.dataset_hash,
+                                "val_grouping": data.report.get("params", {}).get("val_grouping", ""), "splits": {}}
     if weights is not None:
         save_file({k: np.asarray(v, np.float16) for k, v in weights.items()}, str(out / PACK_WEIGHTS))
         manifest["weights"] = PACK_WEIGHTS
@@ -241,9 +241,9 @@ def run(pack: str | Path, recipes: list[str], out: str | Path, *, budget_s: floa
                               "host": platform.machine(), "budget_s": budget_s}
     best: tuple[tuple[float, float], str, BrainTumorPipeline, PreparedData] | None = None
     data_by_size: dict[int, PreparedData] = {}
+    val_grouping = pack_val_grouping(pack)  # each checkpoint records it, so its split can be re-created
     for name in recipes:
-        # The checkpoint records how the pack drew validation, so its split can be re-created from the data.
-        config = get_recipe(name, **(overrides or {})).replace(val_grouping=pack_val_grouping(pack))
+        config = get_recipe(name, **(overrides or {})).replace(val_grouping=val_grouping)
         elapsed = time.perf_counter() - t0
         if elapsed > budget_s:
             report["recipes"][name] = {"skipped": f"time budget spent ({elapsed:.0f} s)"}
@@ -330,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
         data_dir = args.data_dir or default_data_dir()
         split = TrainConfig(val_grouping=args.val_grouping).split_args()  # the default fraction and seed
-        manifest = write_pack(prepare(data_dir, image_size=args.size, **split), args.out,
-                              size=args.size, val_grouping=args.val_grouping,
+        manifest = write_pack(prepare(data_dir, image_size=args.size, **split), args.out, size=args.size,
                               quality=args.quality, weights=load_imagenet_vgg16(),
                               masks_from=None if args.no_masks else data_dir)
         print(json.dumps(manifest))
