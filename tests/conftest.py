@@ -46,7 +46,7 @@ def _quick_model(config, seed: int):
 
 
 def make_tiny_pipeline(*, image_size: int = 32, seed: int = 0, use_view_feature: bool = True,
-                       width_divisor: int = 1, recipe: str = "stand-in"):
+                       width_divisor: int = 1, recipe: str = "stand-in", lower_blocks: int = 4):
     """Both models with random weights, the lower blocks identical in both (as after frozen-trunk training)."""
     import dataclasses
 
@@ -56,7 +56,7 @@ def make_tiny_pipeline(*, image_size: int = 32, seed: int = 0, use_view_feature:
     from braintumor_flax.hub import BrainTumorPipeline
     from braintumor_flax.models import ModelConfig
 
-    view_config = ModelConfig("view", image_size=image_size, width_divisor=width_divisor)
+    view_config = ModelConfig("view", image_size=image_size, width_divisor=width_divisor, lower_blocks=lower_blocks)
     tumor_config = dataclasses.replace(view_config, task="tumor",
                                        view_projection_dim=64 if use_view_feature else 0)
     view, tumor = _quick_model(view_config, seed), _quick_model(tumor_config, seed + 1)

@@ -217,3 +217,53 @@ def test_outline_is_drawn_on_the_mask_boundary_only():
     coloured = (drawn == OUTLINE_RGB).all(axis=-1)
     assert coloured.sum() == 36 and coloured[5, 5:15].all() and not coloured[6:14, 6:14].any()
     assert not image.any()  # a copy: the input is untouched
+
+
+def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_validated(tmp_path, tiny_pipeline_factory):
+    """The joint stage on a shared trunk with a deep decoder: blocks 1-3 stay bit-identical, the rest trains, the
+    kept epoch is the best on validation (epoch 0, the start, included), and the saved checkpoint's served masks are
+    the ones it validated."""
+    from flax import nnx
+
+    from braintumor_flax.training.joint_segmentation import JointConfig, train_joint
+
+    brisc = _write_brisc_like(tmp_path, "train", 64, 0)
+    kaggle_like = _write_brisc_like(tmp_path, "train_other", 40, 2)
+    kaggle_like = dataclasses.replace(kaggle_like, dataset=np.array(["kaggle"] * len(kaggle_like)),
+                                      plane=np.full(len(kaggle_like), -1, np.int32))
+    train = Split("train", *(np.concatenate([getattr(brisc, f), getattr(kaggle_like, f)])
+                             for f in ("images", "tumor", "plane", "dataset")),
+                  brisc.paths + kaggle_like.paths, brisc.content_hash + kaggle_like.content_hash)
+    data = PreparedData({"train": train, "val": _write_brisc_like(tmp_path, "val", 24, 1)}, report={},
+                        dataset_hash="gen", image_size=SIZE)
+    pipeline = tiny_pipeline_factory(image_size=SIZE, width_divisor=16, lower_blocks=3)
+    pipeline.info = dataclasses.replace(pipeline.info, shared_trunk=True)
+    pipeline.tumor_model.vgg = pipeline.view_model.vgg
+    seg_config = SegTrainConfig(epochs=4, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2, deep=True,
+                                full_res=True)
+    segmenter, record = train_segmenter(pipeline.view_model.vgg, data, tmp_path, seg_config, log=lambda _: None)
+    pipeline.attach_segmenter(segmenter, record)
+    before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(pipeline.view_model.vgg, nnx.Param))}
+
+    config = JointConfig(epochs=3, batch_size=8, seg_rows=4, learning_rate=3e-3, decoder_learning_rate=3e-3,
+                         warmup_epochs=0.2)
+    joint = train_joint(pipeline, data, tmp_path, config, log=lambda _: None)["joint"]
+    history = joint["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    scores = [h["val_tumor_accuracy"] + h["val_dice_tumour"] for h in history]
+    assert joint["kept_epoch"] == int(np.argmax(scores))
+    assert history[-1]["train_seg_loss"] < history[1]["train_seg_loss"]
+    after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(pipeline.view_model.vgg, nnx.Param))}
+    for name, value in before.items():
+        frozen = any(f"block{b}_" in str(name) for b in (1, 2, 3))
+        assert np.array_equal(value, after[name]) == (frozen or joint["kept_epoch"] == 0), name
+    assert pipeline.tumor_model.vgg is pipeline.view_model.vgg
+    assert pipeline.info.training.recipe == "stand-in-joint" and "joint" in pipeline.info.training.history
+
+    pipeline.save_pretrained(tmp_path / "joint")
+    loaded = BrainTumorPipeline.from_pretrained(tmp_path / "joint")  # the decoder fits the fine-tuned trunk
+    assert loaded.segmenter.config.threshold == joint["threshold"]
+    masks, known = split_masks(data.splits["val"], tmp_path)
+    served = Forward.from_pipeline(loaded, batch_size=8)(data.splits["val"].images, segment=True)
+    dice = grid_dice(served.mask_prob, masks, joint["threshold"])
+    assert dice[masks.any(axis=(1, 2))].mean() == pytest.approx(joint["val_dice_at_threshold"], abs=1e-3)
