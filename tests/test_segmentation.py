@@ -258,7 +258,10 @@ def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_val
         frozen = any(f"block{b}_" in str(name) for b in (1, 2, 3))
         assert np.array_equal(value, after[name]) == (frozen or joint["kept_epoch"] == 0), name
     assert pipeline.tumor_model.vgg is pipeline.view_model.vgg
-    assert pipeline.info.training.recipe == "stand-in-joint" and "joint" in pipeline.info.training.history
+    assert pipeline.info.training.recipe == "stand-in-joint"
+    assert pipeline.info.training.history["joint"][-1] == {
+        "kept_epoch": joint["kept_epoch"], "val_accuracy": history[joint["kept_epoch"]]["val_tumor_accuracy"],
+        "val_dice_tumour": history[joint["kept_epoch"]]["val_dice_tumour"]}
 
     pipeline.save_pretrained(tmp_path / "joint")
     loaded = BrainTumorPipeline.from_pretrained(tmp_path / "joint")  # the decoder fits the fine-tuned trunk

@@ -130,7 +130,7 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
 
         training = (config or {}).get("training") or meta.get("training") or {}
         val, cost = "—", "—"
-        for stage in ("tumor_head", "shared", "tumor"):  # the stage that chose the tumour head last
+        for stage in ("joint", "tumor_head", "shared", "tumor"):  # the stage that chose the tumour head last
             kept = [h for h in training.get("history", {}).get(stage, []) if "val_accuracy" in h]
             if kept:
                 val = f"{kept[-1]['val_accuracy']:.3f}"
@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "results/shared-frozen3/metrics.json,results/metrics.json,"
                                          "results/shared-frozen3-style/metrics.json,"
                                          "results/shared-frozen3-refit-grouped/metrics.json,"
-                                         "results/shared-frozen3-grouped/metrics.json",
+                                         "results/shared-frozen3-grouped/metrics.json,"
+                                         "results/shared-frozen3-refit-joint/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--generalization",
                     default="results/shared-frozen3-refit/metrics.json,results/lodo-brisc2025-refit/metrics.json,"

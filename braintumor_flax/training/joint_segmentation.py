@@ -304,9 +304,15 @@ def train_joint(pipeline: BrainTumorPipeline, data: PreparedData, masks_from: Ma
         timings = {**training.timings_s, "joint_s": record["joint"]["seconds"]}
         if "total_s" in timings:
             timings["total_s"] = round(timings["total_s"] + timings["joint_s"], 1)
+        kept = history[best[1]]
+        here = machine_description()
+        machine = here if training.machine in ("", here) else f"{training.machine}; joint: {here}"
+        # Ends as every stage's history does: the kept epoch and its validation (tumour) accuracy.
+        joint = history + [{"kept_epoch": best[1], "val_accuracy": kept["val_tumor_accuracy"],
+                            "val_dice_tumour": kept["val_dice_tumour"]}]
         pipeline.info.training = dataclasses.replace(
-            training, recipe=f"{training.recipe}-joint", history={**training.history, "joint": history},
-            timings_s=timings)
+            training, recipe=f"{training.recipe}-joint", history={**training.history, "joint": joint},
+            timings_s=timings, machine=machine)
     return record
 
 
