@@ -51,8 +51,8 @@ from braintumor_flax.training.segmentation import (
     choose_threshold,
     encode_images,
     grid_dice,
+    mask_loss,
     masks_for,
-    soft_dice,
 )
 from braintumor_flax.training.steps import masked_loss, trainable_filter, warmup_cosine
 from braintumor_flax.xla import cpu_jit
@@ -132,8 +132,7 @@ def _joint_loss(params: nnx.State, state: JointState, lower: jax.Array, skips: d
     view_logits, tumor_logits, mask_logits = model(lower, skips, train=True, key=drop_key)
     view_loss, _ = masked_loss(view_logits, labels[:, 0], cfg.label_smoothing)
     tumor_loss, tumor_acc = masked_loss(tumor_logits, labels[:, 1], cfg.label_smoothing)
-    seg_loss = optax.sigmoid_binary_cross_entropy(mask_logits, target).mean() \
-        + (1.0 - soft_dice(jax.nn.sigmoid(mask_logits), target)).mean()
+    seg_loss = mask_loss(mask_logits, target)
     return view_loss + tumor_loss + cfg.seg_weight * seg_loss, {"tumor_accuracy": tumor_acc, "seg_loss": seg_loss}
 
 

@@ -105,9 +105,13 @@ def _loss(params: nnx.State, state: SegState, skips: dict[str, jax.Array], masks
         flip = jax.random.bernoulli(key, 0.5, (target.shape[0],))
         skips = {k: jnp.where(flip[:, None, None, None], v[:, :, ::-1], v) for k, v in skips.items()}
         target = jnp.where(flip[:, None, None], target[:, :, ::-1], target)
-    logits = nnx.merge(state.graphdef, params)(skips)
+    return mask_loss(nnx.merge(state.graphdef, params)(skips), target, cfg.dice_weight)
+
+
+def mask_loss(logits: jax.Array, target: jax.Array, dice_weight: float = 1.0) -> jax.Array:
+    """The decoder's loss: pixel-wise binary cross-entropy plus `dice_weight` × (1 − soft Dice per image)."""
     bce = optax.sigmoid_binary_cross_entropy(logits, target).mean()
-    return bce + cfg.dice_weight * (1.0 - soft_dice(jax.nn.sigmoid(logits), target)).mean()
+    return bce + dice_weight * (1.0 - soft_dice(jax.nn.sigmoid(logits), target)).mean()
 
 
 @cpu_jit
