@@ -21,7 +21,7 @@ METADATA = ("config.json", "metrics.json", "README.md")  # what the generator re
 
 def test_generated_readme_blocks_need_no_ignored_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-    shutil.copytree(ROOT / "results", tmp_path / "results", ignore=shutil.ignore_patterns("*.png"))
+    shutil.copytree(ROOT / "results", tmp_path / "results", ignore=shutil.ignore_patterns("*.png", "*.csv"))
     for folder in ROOT.glob("checkpoints*"):
         (tmp_path / folder.name).mkdir()
         for name in METADATA:
