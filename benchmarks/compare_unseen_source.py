@@ -49,22 +49,33 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"both checkpoints must be trained on the same datasets, not {seen}")
     if configs["a"].split_args() != configs["b"].split_args():
         raise SystemExit("the checkpoints split the data differently")
-    data = prepare(args.data_dir or default_data_dir(), image_size=pipelines["a"].view_model.config.image_size,
-                   **configs["a"].split_args())
-    result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]) or "all", "sets": {}}
+    # Each checkpoint reads its own input size; the split does not depend on it (same images, same order).
+    sizes = {k: p.view_model.config.image_size for k, p in pipelines.items()}
+    data_by_size = {size: prepare(args.data_dir or default_data_dir(), image_size=size, **configs["a"].split_args())
+                    for size in sorted(set(sizes.values()))}
+    data = data_by_size[sizes["a"]]
+    for other in data_by_size.values():
+        for name in ("train", "val"):
+            if list(other.splits[name].content_hash) != list(data.splits[name].content_hash):
+                raise SystemExit(f"the {name} split differs between input sizes")
+    result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]) or "all",
+                    "image_size": sizes, "sets": {}}
     trained = seen["a"] or tuple(sorted(set(data.splits["train"].dataset)))
-    pools = {"unseen_source": [data.splits[s].subset(~np.isin(data.splits[s].dataset, trained))
-                               for s in ("train", "val")],
-             "own_validation": [data.splits["val"].subset(np.isin(data.splits["val"].dataset, trained))]}
-    pools = {k: v for k, v in pools.items() if sum(len(p) for p in v)}
+    pool_of = {"unseen_source": lambda d, s: ~np.isin(d.splits[s].dataset, trained),
+               "own_validation": lambda d, s: np.isin(d.splits[s].dataset, trained) if s == "val" else None}
     forwards = {k: Forward.from_pipeline(p, batch_size=64) for k, p in pipelines.items()}  # compiled once each
-    for name, parts in pools.items():
-        images = np.concatenate([p.images for p in parts])
-        truth = np.concatenate([p.tumor for p in parts])
+    for name, rows_of in pool_of.items():
+        def parts(d, rows_of=rows_of):
+            return [d.splits[s].subset(rows) for s in ("train", "val") if (rows := rows_of(d, s)) is not None]
+
+        if not sum(len(p) for p in parts(data)):
+            continue
+        truth = np.concatenate([p.tumor for p in parts(data)])
         keep = truth >= 0
-        answers = {k: f(images[keep], want_view=False).tumor_logits.argmax(axis=1) for k, f in forwards.items()}
+        answers = {k: f(np.concatenate([p.images for p in parts(data_by_size[sizes[k]])])[keep],
+                        want_view=False).tumor_logits.argmax(axis=1) for k, f in forwards.items()}
         entry = paired_accuracy_difference(truth[keep], answers["a"], answers["b"])
-        entry["datasets"] = sorted({d for p in parts for d in p.dataset})
+        entry["datasets"] = sorted({d for p in parts(data) for d in p.dataset})
         men = truth[keep] == TUMOR_CLASSES.index("meningioma")
         entry["meningioma_recall"] = {k: float((a[men] == truth[keep][men]).mean()) for k, a in answers.items()}
         result["sets"][name] = entry

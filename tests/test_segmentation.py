@@ -270,3 +270,22 @@ def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_val
     served = Forward.from_pipeline(loaded, batch_size=8)(data.splits["val"].images, segment=True)
     dice = grid_dice(served.mask_prob, masks, joint["threshold"])
     assert dice[masks.any(axis=(1, 2))].mean() == pytest.approx(joint["val_dice_at_threshold"], abs=1e-3)
+
+
+def test_activations_mapped_from_disk_equal_those_held_in_memory(tmp_path, monkeypatch, tiny_pipeline_factory):
+    """Activations too large for memory spill to unlinked files of the cache folder: same values, no file left."""
+    from braintumor_flax.models.segmentation import SegmentationConfig
+    from braintumor_flax.training.segmentation import encode_images
+
+    monkeypatch.setenv("BRAINTUMOR_FLAX_CACHE", str(tmp_path))
+    vgg = tiny_pipeline_factory(image_size=SIZE, width_divisor=16).view_model.vgg
+    images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    config = SegmentationConfig(image_size=SIZE, width_divisor=16, deep=True, full_res=True)
+    held = encode_images(vgg, images, config, batch_size=2, spill=False)
+    mapped = encode_images(vgg, images, config, batch_size=2, spill=True)
+    assert set(held) == set(mapped) == set(config.inputs)
+    for name in config.inputs:
+        assert isinstance(mapped[name], np.memmap) and not isinstance(held[name], np.memmap)
+        np.testing.assert_array_equal(held[name], mapped[name])
+        assert held[name].shape[0] == 5 and np.abs(held[name]).sum() > 0
+    assert not any((tmp_path / "segmenter-activations").iterdir())
