@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "results/shared-frozen3-style/metrics.json,"
                                          "results/shared-frozen3-refit-grouped/metrics.json,"
                                          "results/shared-frozen3-grouped/metrics.json,"
-                                         "results/shared-frozen3-refit-joint/metrics.json",
+                                         "results/shared-frozen3-refit-joint/metrics.json,"
+                                         "results/shared-frozen4-192-refit/metrics.json",
                     help="comma-separated metrics.json files of the evaluated recipes (missing ones are skipped)")
     ap.add_argument("--generalization",
                     default="results/shared-frozen3-refit/metrics.json,results/lodo-brisc2025-refit/metrics.json,"
