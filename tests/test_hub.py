@@ -226,3 +226,18 @@ def test_ood_matrices_live_in_their_own_safetensors_file(pipeline, tmp_path):
         assert not (tmp_path / "again" / OOD_FILE).exists() and "ood" not in read_config(tmp_path / "again")
     finally:
         pipeline.info.ood = None
+
+
+def test_model_cards_describe_the_architecture_each_checkpoint_holds():
+    """The committed checkpoints' configs: the served one is one shared trunk with a decoder, the faithful one the
+    original's two networks; each card says so (not the other's description)."""
+    import json
+
+    from braintumor_flax.paths import DEFAULT_CHECKPOINT_DIR, FAITHFUL_CHECKPOINT_DIR
+    from braintumor_flax.reports.model_card import architecture
+
+    served = architecture(json.loads((DEFAULT_CHECKPOINT_DIR / "config.json").read_text()))
+    faithful = architecture(json.loads((FAITHFUL_CHECKPOINT_DIR / "config.json").read_text()))
+    assert served.startswith("One Flax NNX model") and "decoder" in served and "128×128" in served
+    assert faithful.startswith("Two Flax NNX models") and "decoder" not in faithful
+    assert served.splitlines()[0] in (DEFAULT_CHECKPOINT_DIR / "README.md").read_text()

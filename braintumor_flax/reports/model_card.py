@@ -16,9 +16,7 @@ datasets: [brisc2025, masoudnickparvar/brain-tumor-mri-dataset]
 
 # braintumor-flax: view plane and tumour class of a 2-D brain MRI slice
 
-Two Flax NNX models built on an ImageNet VGG16 (Keras weights, caffe preprocessing) at {image_size}×{image_size}:
-**model 1** tells the view plane (axial, coronal, sagittal) and emits a 128-d feature; **model 2** tells the
-tumour class (glioma, meningioma, no tumour, pituitary) from the image and that feature.
+{architecture}
 
 **Research demo, not a medical device.** Do not use it for diagnosis or treatment decisions.
 
@@ -44,6 +42,27 @@ built from figshare (Cheng et al.), SARTAJ and Br35H.
 """
 
 
+TWO_NETWORKS = """Two Flax NNX models built on an ImageNet VGG16 (Keras weights, caffe preprocessing) at {size}×{size}:
+**model 1** tells the view plane (axial, coronal, sagittal) and emits a 128-d feature; **model 2** tells the
+tumour class (glioma, meningioma, no tumour, pituitary) from the image and that feature."""
+
+SHARED_TRUNK = """One Flax NNX model: a single VGG16 trunk, started from the ImageNet weights (Keras, caffe
+preprocessing) and trained on these data, at {size}×{size}, answers both questions in one pass. The **view
+head** tells the view plane (axial, coronal, sagittal) through a 128-d view feature; the **tumour head** tells
+the tumour class (glioma, meningioma, no tumour, pituitary) from the trunk's features and that view feature."""
+
+SEGMENTER = """
+A **decoder** on the same trunk outlines the tumour (trained on BRISC 2025's expert masks)."""
+
+
+def architecture(config: dict[str, Any]) -> str:
+    """What the checkpoint holds, in words: the original's two networks, or one shared trunk (and a decoder)."""
+    size = config.get("models", {}).get("view", {}).get("image_size", "?")
+    if not config.get("shared_trunk"):
+        return TWO_NETWORKS.format(size=size)
+    return SHARED_TRUNK.format(size=size) + (SEGMENTER if config.get("segmentation") else "")
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Markdown tables from a metrics JSON (written by `braintumor_flax.evaluation.evaluate`): per model and test set
     accuracy / macro-F1 / macro AUC with 95 % bootstrap CIs and ECE before → after temperature scaling, then
@@ -64,7 +83,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 def render_model_card(config: dict[str, Any], metrics: dict[str, Any]) -> str:
     training = config.get("training", {})
     return CARD_TEMPLATE.format(
-        image_size=config.get("models", {}).get("view", {}).get("image_size", "?"),
+        architecture=architecture(config),
         recipe=training.get("recipe", "unknown"),
         training_data=training.get("data_summary", "see config.json"),
         dataset_hash=training.get("dataset_hash", "unknown"),
