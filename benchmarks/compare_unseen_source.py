@@ -61,21 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"a": str(args.a), "b": str(args.b), "trained_on": list(seen["a"]) or "all",
                     "image_size": sizes, "sets": {}}
     trained = seen["a"] or tuple(sorted(set(data.splits["train"].dataset)))
-    pool_of = {"unseen_source": lambda d, s: ~np.isin(d.splits[s].dataset, trained),
-               "own_validation": lambda d, s: np.isin(d.splits[s].dataset, trained) if s == "val" else None}
+    # Which rows of which split each pool takes: the same rows at every input size.
+    pools = {"unseen_source": {s: ~np.isin(data.splits[s].dataset, trained) for s in ("train", "val")},
+             "own_validation": {"val": np.isin(data.splits["val"].dataset, trained)}}
     forwards = {k: Forward.from_pipeline(p, batch_size=64) for k, p in pipelines.items()}  # compiled once each
-    for name, rows_of in pool_of.items():
-        def parts(d, rows_of=rows_of):
-            return [d.splits[s].subset(rows) for s in ("train", "val") if (rows := rows_of(d, s)) is not None]
-
-        if not sum(len(p) for p in parts(data)):
+    for name, rows in pools.items():
+        if not sum(int(r.sum()) for r in rows.values()):
             continue
-        truth = np.concatenate([p.tumor for p in parts(data)])
+
+        def gather(d, field: str, rows=rows) -> np.ndarray:
+            return np.concatenate([getattr(d.splits[s], field)[r] for s, r in rows.items()])
+
+        truth = gather(data, "tumor")
         keep = truth >= 0
-        answers = {k: f(np.concatenate([p.images for p in parts(data_by_size[sizes[k]])])[keep],
-                        want_view=False).tumor_logits.argmax(axis=1) for k, f in forwards.items()}
+        answers = {k: f(gather(data_by_size[sizes[k]], "images")[keep], want_view=False).tumor_logits.argmax(axis=1)
+                   for k, f in forwards.items()}
         entry = paired_accuracy_difference(truth[keep], answers["a"], answers["b"])
-        entry["datasets"] = sorted({d for p in parts(data) for d in p.dataset})
+        entry["datasets"] = sorted(set(gather(data, "dataset")))
         men = truth[keep] == TUMOR_CLASSES.index("meningioma")
         entry["meningioma_recall"] = {k: float((a[men] == truth[keep][men]).mean()) for k, a in answers.items()}
         result["sets"][name] = entry

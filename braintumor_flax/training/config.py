@@ -119,8 +119,8 @@ RECIPES: dict[str, TrainConfig] = {
                                   warmup_epochs=1.0, learning_rate=3e-4, weight_decay=1e-4, label_smoothing=0.1,
                                   keep_best=True),
     # CPU, a larger input instead of a deeper unfreezing: blocks 1-4 frozen and cached at 192 px (their 12×12×512
-    # output), block 5 and both heads trained, then the head refit. 8 epochs: with the cache it trains in ~60 min on
-    # a 2-core CPU, the budget (blocks 1-4 forward ~125 ms / image, block 5 + heads ~40 ms / image).
+    # output), block 5 and both heads trained, then the head refit. 8 epochs, sized for the 60 min; measured
+    # 71 min on a 2-core AMD EPYC (blocks 1-4 forward ~150 ms / image, ~310 s a trunk epoch). Not adopted (README).
     "shared-frozen4-192-refit": TrainConfig(recipe="shared-frozen4-192-refit", model="shared_trunk", image_size=192,
                                             epochs=8, schedule="warmup_cosine", warmup_epochs=1.0, learning_rate=3e-4,
                                             weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
