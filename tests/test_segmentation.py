@@ -54,6 +54,31 @@ def test_real_masks_map_to_the_model_grid_and_back():
     np.testing.assert_array_equal(drawn, mask_to_grid(native, 128))
 
 
+@pytest.mark.skipif(not BRISC_TRAIN.is_dir(), reason="shared BRISC data not present")
+def test_augmented_masks_move_with_their_real_slices():
+    import jax
+
+    from braintumor_flax.training.augment import PixelAugment, augment_pixels, augment_pixels_and_masks
+
+    paths = sorted((BRISC_TRAIN / "glioma").glob("*.jpg"))[:3] + sorted((BRISC_TRAIN / "pituitary").glob("*.jpg"))[:3]
+    masks = np.stack([mask_to_grid(read_mask(mask_path_for(p)), 128) for p in paths])
+    images = np.stack([to_model_input(np.asarray(Image.open(p).convert("RGB")), 128) for p in paths])
+    key = jax.random.key(3)
+    aug = PixelAugment()
+    moved, moved_masks = augment_pixels_and_masks(key, images, masks, aug)
+    # The slice is augmented exactly as the classifier's augmentation would (same key, same slice) ...
+    np.testing.assert_array_equal(np.asarray(moved), np.asarray(augment_pixels(key, images, aug)))
+    moved_masks = np.asarray(moved_masks)
+    assert moved_masks.dtype == bool and all(_dice(a, b) < 0.95 for a, b in zip(moved_masks, masks, strict=True))
+    # ... and the mask lands where the slice's pixels go: the mask drawn as a slice, with the photometric changes
+    # off, is moved onto the moved mask.
+    geometric = PixelAugment(brightness=0.0, contrast=0.0, gamma=0.0, curve=0.0, blur_p=0.0, noise_std=0.0)
+    drawn = np.repeat(masks[..., None] * np.uint8(255), 3, axis=-1)
+    drawn_moved, geometric_masks = augment_pixels_and_masks(key, drawn, masks, geometric)
+    for a, b in zip(np.asarray(drawn_moved)[..., 0] >= 127.5, np.asarray(geometric_masks), strict=True):
+        assert b.any() and _dice(a, b) > 0.97
+
+
 SIZE = 32
 
 
@@ -289,3 +314,33 @@ def test_activations_mapped_from_disk_equal_those_held_in_memory(tmp_path, monke
         np.testing.assert_array_equal(held[name], mapped[name])
         assert held[name].shape[0] == 5 and np.abs(held[name]).sum() > 0
     assert not any((tmp_path / "segmenter-activations").iterdir())
+
+
+def test_augmented_copies_follow_the_originals_and_train(tmp_path, tiny_pipeline_factory):
+    """`augment_copies`: each training slice gets augmented versions (its mask moved with it) after the originals,
+    the decoder trains over all of them, and the record says how it was augmented."""
+    from braintumor_flax.training.segmentation import SegData
+
+    data = PreparedData({"train": _write_brisc_like(tmp_path, "train", 48, 0),
+                         "val": _write_brisc_like(tmp_path, "val", 16, 1)}, report={}, dataset_hash="gen",
+                        image_size=SIZE)
+    config = SegTrainConfig(epochs=3, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2, augment_copies=2)
+    train = SegData.of(data.splits["train"], tmp_path, config)
+    both = train.with_augmented_copies(2, seed=0)
+    n = len(train)
+    assert len(both) == 3 * n and both.images.dtype == np.uint8
+    np.testing.assert_array_equal(both.images[:n], train.images)
+    np.testing.assert_array_equal(both.rows, np.tile(train.rows, 3))
+    for copy in (1, 2):
+        part, part_masks = both.images[copy * n:(copy + 1) * n], both.masks[copy * n:(copy + 1) * n]
+        assert (part != train.images).any(axis=(1, 2, 3)).all()
+        # No tumour stays no tumour; a tumour mostly stays in view (shifts and zooms may push some out).
+        assert not part_masks[~train.masks.any(axis=(1, 2))].any()
+        assert part_masks[train.masks.any(axis=(1, 2))].any(axis=(1, 2)).mean() > 0.8
+    assert not np.array_equal(both.images[n:2 * n], both.images[2 * n:])
+
+    pipeline = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)
+    _, record = train_segmenter(pipeline.view_model.vgg, data, tmp_path, config, log=lambda _: None)
+    assert record["config"]["augment_copies"] == 2 and record["config"]["pixel_augment"]["rotate_deg"] > 0
+    assert record["train_images"] == n and len(record["history"]) == 3
+    assert np.isfinite([h["train_loss"] for h in record["history"]]).all()

@@ -121,12 +121,29 @@ def _photometric_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax
 def augment_pixels(key: jax.Array, images: jax.Array, aug: PixelAugment) -> jax.Array:
     """float [B, S, S, 3] in [0, 255] → augmented, per sample (traced inside the train step)."""
     keys = jax.random.split(key, images.shape[0])
+    return jax.vmap(lambda k, image: _augment_pixels_one(k, image, aug))(keys, images.astype(jnp.float32))
 
-    def one(k: jax.Array, image: jax.Array) -> jax.Array:
-        k1, k2 = jax.random.split(k)
-        return _photometric_one(k2, _affine_one(k1, image, aug), aug)
 
-    return jax.vmap(one)(keys, images.astype(jnp.float32))
+def augment_pixels_and_masks(key: jax.Array, images: jax.Array, masks: jax.Array, aug: PixelAugment
+                             ) -> tuple[jax.Array, jax.Array]:
+    """`augment_pixels` for segmentation: each mask (bool [B, S, S]) moves with its slice (the same affine,
+    bilinear, then ≥ 0.5); the photometric changes touch only the slice. Same key, same slice: as
+    `augment_pixels`."""
+    keys = jax.random.split(key, images.shape[0])
+
+    def one(k: jax.Array, image: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        moved = _augment_pixels_one(k, jnp.concatenate([image, mask[..., None]], axis=-1), aug)
+        return moved[..., :-1], moved[..., -1] >= 0.5
+
+    return jax.vmap(one)(keys, images.astype(jnp.float32), masks.astype(jnp.float32))
+
+
+def _augment_pixels_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax.Array:
+    """One sample: the affine moves every channel; the photometric changes touch the first three (the slice),
+    extra channels (a mask) pass through unchanged."""
+    k1, k2 = jax.random.split(key)
+    moved = _affine_one(k1, image, aug)
+    return jnp.concatenate([_photometric_one(k2, moved[..., :3], aug), moved[..., 3:]], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ from braintumor_flax.models.segmentation import (
 )
 from braintumor_flax.models.vgg16 import VGG16
 from braintumor_flax.paths import cache_dir
+from braintumor_flax.training.augment import PixelAugment, augment_pixels_and_masks
 from braintumor_flax.training.steps import warmup_cosine
 from braintumor_flax.xla import cpu_jit
 
@@ -54,13 +55,22 @@ class SegTrainConfig:
     dice_weight: float = 1.0
     deep: bool = False  # also read the classifier's VGG blocks 4-5 (SegmentationConfig.deep)
     full_res: bool = False  # a last decoder level at full resolution (SegmentationConfig.full_res)
+    # Pixel-space augmented copies of each training slice (affine + photometric, the mask moved with it),
+    # encoded once beside the original: each epoch takes one of the 1 + augment_copies versions per slice.
+    augment_copies: int = 0
     seed: int = 0
     datasets: tuple[str, ...] = ("brisc2025",)  # the masks are BRISC's
     max_images: int | None = None  # cap per split (smoke tests)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "datasets": list(self.datasets)}
+        record = {**dataclasses.asdict(self), "datasets": list(self.datasets)}
+        if self.augment_copies:
+            record["pixel_augment"] = dataclasses.asdict(SEGMENT_AUGMENT)
+        return record
 
+
+# The classifier's source-difference augmentation, without its flip: the activations are flipped per step anyway.
+SEGMENT_AUGMENT = PixelAugment(hflip=False)
 
 Skips = dict[str, np.ndarray]
 # Where the masks of a split come from: the data folder (BRISC's mask files), or a function of the split (a GPU
@@ -198,6 +208,20 @@ class SegData:
     def __len__(self) -> int:
         return len(self.images)
 
+    def with_augmented_copies(self, copies: int, seed: int, batch_size: int = 64) -> SegData:
+        """The slices followed by `copies` augmented versions of all of them (copy c of slice i at row
+        c × N + i), each mask moved with its slice (`SEGMENT_AUGMENT`)."""
+        run = cpu_jit(lambda key, x, m: augment_pixels_and_masks(key, x, m, SEGMENT_AUGMENT))
+        images, masks = [self.images], [self.masks]
+        for copy in range(1, copies + 1):
+            for start, rows, padded in padded_chunks(len(self), batch_size):
+                key = jax.random.fold_in(jax.random.key(seed), copy * len(self) + start)
+                x, m = run(key, jnp.asarray(pad_rows(self.images, start, rows, padded)),
+                           jnp.asarray(pad_rows(self.masks, start, rows, padded)))
+                images.append(np.asarray(jnp.round(x[:rows])).astype(np.uint8))
+                masks.append(np.asarray(m[:rows]))
+        return SegData(np.concatenate(images), np.concatenate(masks), np.tile(self.rows, copies + 1))
+
 
 def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, config: SegTrainConfig = SegTrainConfig(),
                     *, log: Callable[[str], None] = print) -> tuple[TumorSegmenter, dict[str, Any]]:
@@ -220,7 +244,14 @@ def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, conf
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
     graphdef, params = nnx.split(segmenter)
     state = SegState(graphdef, tx, config, params, tx.init(params))
-    train_skips, val_skips = encode_images(vgg, train.images, seg_config), encode_images(vgg, val.images, seg_config)
+    versions = 1 + config.augment_copies
+    if config.augment_copies:
+        train_all = train.with_augmented_copies(config.augment_copies, config.seed)
+        log(f"segmenter: {config.augment_copies} augmented copies of each training slice")
+    else:
+        train_all = train
+    train_skips = encode_images(vgg, train_all.images, seg_config)
+    val_skips = encode_images(vgg, val.images, seg_config)
     if jax.default_backend() != "cpu":
         # On an accelerator the activations stay in its memory: batches are gathered there, not copied over each
         # step (on the CPU they are host memory either way, and a second copy would double it).
@@ -232,14 +263,18 @@ def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, conf
     tumour_val = val.masks.any(axis=(1, 2))
     for epoch in range(config.epochs):
         t = time.perf_counter()
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(len(train))
+        # Which version of each slice this epoch reads (always the original without augmented copies).
+        version = rng.integers(0, versions, len(train)) if versions > 1 else np.zeros(len(train), int)
         losses = []
         for step in tqdm(range(steps), desc=f"segmenter epoch {epoch + 1}/{config.epochs}", unit="batch",
                          dynamic_ncols=True, mininterval=5.0):
-            idx = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
+            picked = order[step * config.batch_size:(step + 1) * config.batch_size]
+            idx = np.sort(version[picked] * len(train) + picked)  # sorted: mapped files read in order
             key = jax.random.fold_in(jax.random.key(config.seed), epoch * steps + step)
             batch = {k: jnp.asarray(v[idx]) for k, v in train_skips.items()}
-            state, loss = seg_train_step(state, batch, jnp.asarray(train.masks[idx]), key)
+            state, loss = seg_train_step(state, batch, jnp.asarray(train_all.masks[idx]), key)
             losses.append(loss)
         dice = grid_dice(predict_masks(state, val_skips), val.masks, seg_config.threshold)
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
@@ -298,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
                         "the same VGG blocks 1-3)")
     p.add_argument("--dtype", choices=("float32", "float16"), default=None,
                    help="storage precision of the saved checkpoint (default: float32)")
-    for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("max-images", int)):
+    for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("max-images", int),
+                      ("augment-copies", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
     p.add_argument("--deep", action="store_true", help="also read the classifier's VGG blocks 4-5 (a shared trunk)")
     p.add_argument("--full-res", action="store_true", help="a last decoder level at full resolution")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k in ("epochs", "batch_size", "learning_rate", "max_images")
-                 and v is not None}
+    tunable = ("epochs", "batch_size", "learning_rate", "max_images", "augment_copies")
+    overrides = {k: v for k, v in vars(args).items() if k in tunable and v is not None}
     overrides.update(deep=args.deep, full_res=args.full_res)
     config = dataclasses.replace(SegTrainConfig(), **overrides)
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
