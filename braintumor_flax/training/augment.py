@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from braintumor_flax.models.forward import pad_rows, padded_chunks
+
 
 def _augment_one(key: jax.Array, image: jax.Array, hflip: bool, vflip: bool, zoom: float) -> jax.Array:
     k_h, k_v, k_z = jax.random.split(key, 3)
@@ -136,6 +138,29 @@ def augment_pixels_and_masks(key: jax.Array, images: jax.Array, masks: jax.Array
         return moved[..., :-1], moved[..., -1] >= 0.5
 
     return jax.vmap(one)(keys, images.astype(jnp.float32), masks.astype(jnp.float32))
+
+
+def augmented_copies(images: np.ndarray, copies: int, seed: int, aug: PixelAugment, masks: np.ndarray | None = None,
+                     batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """`copies` augmented versions of uint8 `images` [N, S, S, 3] (back to uint8), each image through one random
+    `aug`, reproducible from `seed`, copy and batch; with `masks` (bool [N, S, S]), each mask moved with its
+    image (`augment_pixels_and_masks`: the same images as without). [(images, masks or None)] per copy."""
+    run_images = jax.jit(lambda key, x: augment_pixels(key, x, aug))
+    run_both = jax.jit(lambda key, x, m: augment_pixels_and_masks(key, x, m, aug))
+    out: list[tuple[np.ndarray, np.ndarray | None]] = []
+    for copy in range(copies):
+        image_parts, mask_parts = [images[:0]], [] if masks is None else [masks[:0]]
+        for start, rows, padded in padded_chunks(len(images), batch_size):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), copy), start)
+            x = jnp.asarray(pad_rows(images, start, rows, padded))
+            if masks is None:
+                moved = run_images(key, x)
+            else:
+                moved, moved_masks = run_both(key, x, jnp.asarray(pad_rows(masks, start, rows, padded)))
+                mask_parts.append(np.asarray(moved_masks[:rows]))
+            image_parts.append(np.asarray(jnp.round(moved[:rows])).astype(np.uint8))
+        out.append((np.concatenate(image_parts), None if masks is None else np.concatenate(mask_parts)))
+    return out
 
 
 def _augment_pixels_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax.Array:

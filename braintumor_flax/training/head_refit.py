@@ -26,14 +26,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.hub import BrainTumorPipeline
-from braintumor_flax.models.forward import Forward, Outputs, pad_rows, padded_chunks
-from braintumor_flax.training.augment import PixelAugment, augment_pixels
+from braintumor_flax.models.forward import Forward, Outputs
+from braintumor_flax.training.augment import PixelAugment, augmented_copies
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.training.lesion_paste import paste_tumours
 from braintumor_flax.training.pipeline import (
@@ -82,17 +80,7 @@ def trunk_outputs(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: b
 def augmented_views(images: np.ndarray, views: int, seed: int, batch_size: int = 64) -> list[np.ndarray]:
     """`views` copies of uint8 `images` [N, S, S, 3], each image through one random `PixelAugment` (reproducible
     from `seed`, copy and batch), back to uint8."""
-    aug = PixelAugment()
-    run = jax.jit(lambda key, x: augment_pixels(key, x, aug))
-    copies = []
-    for view in range(views):
-        parts = []
-        for start, rows, padded in padded_chunks(len(images), batch_size):
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), view), start)
-            out = run(key, jnp.asarray(pad_rows(images, start, rows, padded)))
-            parts.append(np.asarray(jnp.round(out[:rows])).astype(np.uint8))
-        copies.append(np.concatenate(parts) if parts else images[:0])
-    return copies
+    return [copy for copy, _ in augmented_copies(images, views, seed, PixelAugment(), batch_size=batch_size)]
 
 
 def _stage_data(pipeline: BrainTumorPipeline, split: Split, *, with_mirrors: bool, batch_size: int,

@@ -39,7 +39,7 @@ from braintumor_flax.models.segmentation import (
 )
 from braintumor_flax.models.vgg16 import VGG16
 from braintumor_flax.paths import cache_dir
-from braintumor_flax.training.augment import PixelAugment, augment_pixels_and_masks
+from braintumor_flax.training.augment import PixelAugment, augmented_copies
 from braintumor_flax.training.steps import warmup_cosine
 from braintumor_flax.xla import cpu_jit
 
@@ -211,16 +211,10 @@ class SegData:
     def with_augmented_copies(self, copies: int, seed: int, batch_size: int = 64) -> SegData:
         """The slices followed by `copies` augmented versions of all of them (copy c of slice i at row
         c × N + i), each mask moved with its slice (`SEGMENT_AUGMENT`)."""
-        run = cpu_jit(lambda key, x, m: augment_pixels_and_masks(key, x, m, SEGMENT_AUGMENT))
-        images, masks = [self.images], [self.masks]
-        for copy in range(1, copies + 1):
-            for start, rows, padded in padded_chunks(len(self), batch_size):
-                key = jax.random.fold_in(jax.random.key(seed), copy * len(self) + start)
-                x, m = run(key, jnp.asarray(pad_rows(self.images, start, rows, padded)),
-                           jnp.asarray(pad_rows(self.masks, start, rows, padded)))
-                images.append(np.asarray(jnp.round(x[:rows])).astype(np.uint8))
-                masks.append(np.asarray(m[:rows]))
-        return SegData(np.concatenate(images), np.concatenate(masks), np.tile(self.rows, copies + 1))
+        versions = augmented_copies(self.images, copies, seed, SEGMENT_AUGMENT, self.masks, batch_size)
+        return SegData(np.concatenate([self.images, *(images for images, _ in versions)]),
+                       np.concatenate([self.masks, *(masks for _, masks in versions)]),
+                       np.tile(self.rows, copies + 1))
 
 
 def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, config: SegTrainConfig = SegTrainConfig(),
