@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for test_name, split_name in evaluate.TEST_SETS.items():
         if split_name not in data.splits:
             continue
-        split = evaluate.stratified_subset(data.splits[split_name], args.limit, args.seed)
+        split = data.splits[split_name].stratified_subset(args.limit, args.seed)
         split = split.subset(split.tumor >= 0)
         labels = split.tumor
         logits = evaluate.predict_splits([("ours", ckpt, False)], {split_name: split},

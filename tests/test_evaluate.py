@@ -234,10 +234,10 @@ def test_stratified_subset_keeps_every_class():
     tumor = np.repeat(np.arange(4), 10).astype(np.int32)
     split = Split("x", np.zeros((n, 2, 2, 3), np.uint8), tumor, np.full(n, -1, np.int32),
                   np.array(["k"] * n), [f"p{i}" for i in range(n)], [str(i) for i in range(n)])
-    sub = evaluate.stratified_subset(split, 8, seed=0)
+    sub = split.stratified_subset(8, seed=0)
     assert len(sub) == 8 and np.bincount(sub.tumor).tolist() == [2, 2, 2, 2]
-    assert evaluate.stratified_subset(split, 8, seed=0).paths == sub.paths
-    assert evaluate.stratified_subset(split, None, seed=0) is split
+    assert split.stratified_subset(8, seed=0).paths == sub.paths
+    assert split.stratified_subset(None, seed=0) is split
     assert len(TUMOR_CLASSES) == 4
 
 

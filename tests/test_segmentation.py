@@ -338,6 +338,10 @@ def test_augmented_copies_follow_the_originals_and_train(tmp_path, tiny_pipeline
         assert not part_masks[~train.masks.any(axis=(1, 2))].any()
         assert part_masks[train.masks.any(axis=(1, 2))].any(axis=(1, 2)).mean() > 0.8
     assert not np.array_equal(both.images[n:2 * n], both.images[2 * n:])
+    # A capped run (a pilot) still sees slices with and without a tumour (the split is ordered by class).
+    by_class = data.splits["train"].subset(np.argsort(data.splits["train"].tumor, kind="stable"))
+    capped = SegData.of(by_class, tmp_path, dataclasses.replace(config, max_images=8))
+    assert len(capped) == 8 and 0 < capped.masks.any(axis=(1, 2)).sum() < 8
 
     pipeline = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)
     _, record = train_segmenter(pipeline.view_model.vgg, data, tmp_path, config, log=lambda _: None)

@@ -45,6 +45,23 @@ class Split:
         return Split(self.name, self.images[idx], self.tumor[idx], self.plane[idx], self.dataset[idx],
                      [self.paths[i] for i in idx], [self.content_hash[i] for i in idx])
 
+    def stratified_subset(self, limit: int | None, seed: int = DEFAULT_SEED) -> Split:
+        """At most `limit` rows, the same share from each tumour class (seeded): for quick runs and smoke
+        tests. The first rows would not do: a split is ordered by class."""
+        return self if not limit or len(self) <= limit else self.subset(stratified_rows(self.tumor, limit, seed))
+
+
+def stratified_rows(labels: np.ndarray, limit: int | None, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Sorted indices of at most `limit` rows, the same number from each label (seeded); all rows without a
+    limit or when there are no more than `limit`."""
+    if not limit or len(labels) <= limit:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = max(1, limit // len(classes))
+    keep = [i for c in classes for i in rng.permutation(np.flatnonzero(labels == c))[:per_class].tolist()]
+    return np.sort(np.asarray(keep[:limit], np.int64))
+
 
 @dataclass
 class PreparedData:

@@ -146,20 +146,6 @@ def evaluate_pipeline(
 # driver
 
 
-def stratified_subset(split: Split, limit: int | None, seed: int) -> Split:
-    """At most `limit` rows, the same share from each tumour class (seeded): for quick runs and tests."""
-    if not limit or len(split) <= limit:
-        return split
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
-    classes = np.unique(split.tumor)
-    per_class = max(1, limit // len(classes))
-    for c in classes:
-        idx = np.flatnonzero(split.tumor == c)
-        keep.extend(rng.permutation(idx)[:per_class].tolist())
-    return split.subset(np.sort(np.asarray(keep[:limit] if len(keep) > limit else keep, np.int64)))
-
-
 def _training_split_params(pipeline: BrainTumorPipeline) -> tuple[dict[str, Any], str | None]:
     """How the checkpoint's training split its data (validation fraction, seed, grouping; train.py's config),
     and its data hash."""
@@ -254,7 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stored["ablation"] = stored_temperatures(ablation_ckpt.pipeline, args.calibration, hash_ok)
     need_val = [name for name, temps in stored.items() if temps is None]
     wanted = [VAL_SPLIT, *TEST_SETS.values()] if need_val else list(TEST_SETS.values())
-    splits = {name: stratified_subset(prepared.splits[name], args.limit, args.seed)
+    splits = {name: prepared.splits[name].stratified_subset(args.limit, args.seed)
               for name in wanted if name in prepared.splits and len(prepared.splits[name])}
     warnings += [f"no {name} split under {args.data_dir}: skipped" for name in TEST_SETS.values() if name not in splits]
     timings["prepare_data_s"] = time.perf_counter() - t

@@ -320,7 +320,8 @@ def _resume_key(config: TrainConfig) -> dict[str, Any]:
 
 
 def _cap(split: Split, limit: int | None) -> Split:
-    return split if limit is None or len(split) <= limit else split.subset(np.arange(limit))
+    """`max_images`: a class-stratified subset (seeded), so a capped run still sees every class."""
+    return split.stratified_subset(limit)
 
 
 def _stage_inputs(config: TrainConfig, data: PreparedData, lower_model: Model

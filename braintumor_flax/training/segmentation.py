@@ -28,7 +28,7 @@ from flax import nnx, struct
 from tqdm.auto import tqdm
 
 from braintumor_flax.data.masks import split_masks
-from braintumor_flax.data.splits import PreparedData, Split
+from braintumor_flax.data.splits import PreparedData, Split, stratified_rows
 from braintumor_flax.models.forward import pad_rows, padded_chunks
 from braintumor_flax.models.segmentation import (
     SegmentationConfig,
@@ -201,8 +201,8 @@ class SegData:
     def of(cls, split: Split, masks_from: MaskSource, config: SegTrainConfig) -> SegData:
         masks, known = masks_for(split, masks_from)
         rows = np.flatnonzero(known & np.isin(split.dataset, config.datasets))
-        if config.max_images is not None:
-            rows = rows[: config.max_images]
+        # A capped run (a pilot) still sees every class, no-tumour slices (empty masks) included.
+        rows = rows[stratified_rows(split.tumor[rows], config.max_images, config.seed)]
         return cls(split.images[rows], masks[rows], rows)
 
     def __len__(self) -> int:
