@@ -8,6 +8,10 @@ entirely (Dice < 0.1). A training Dice far above validation says overfitting (mo
 training Dice itself far below the target says the decoder or its features cannot fit the masks (capacity).
 
     python benchmarks/eval_seg_fit.py [--model checkpoints-shared-trunk] [--out results/seg_fit.json]
+
+With `--against B` (another decoder on the same trunk, so the same split), each split also gets B's figures and
+the paired difference of tumour-slice Dice, model minus B (bootstrap CI, Wilcoxon signed-rank p): how a new
+decoder is chosen on validation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import cpu_ticks, finish  # noqa: E402
 
+from braintumor_flax.evaluation.metrics import paired_mean_difference  # noqa: E402
 from braintumor_flax.hub import BrainTumorPipeline  # noqa: E402
 from braintumor_flax.labels import TUMOR_CLASSES  # noqa: E402
 from braintumor_flax.models.forward import Forward  # noqa: E402
@@ -36,6 +41,8 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "checkpoints-shared-trunk")
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "seg_fit.json")
+    ap.add_argument("--against", type=Path, default=None, help="a second checkpoint with a decoder on the same trunk")
+    ap.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
     args = ap.parse_args()
     t0, ticks = time.perf_counter(), cpu_ticks()
     pipeline = BrainTumorPipeline.from_pretrained(args.model)
@@ -45,11 +52,17 @@ def main() -> int:
     data = prepare_training_data(pipeline, data_dir)  # the checkpoint's own split
     forward = Forward.from_pipeline(pipeline, batch_size=32)
     threshold = pipeline.segmenter.config.threshold
+    other = None
+    if args.against is not None:
+        peer = BrainTumorPipeline.from_pretrained(args.against)
+        if peer.segmenter is None or peer.segmenter.config.trunk_digest != pipeline.segmenter.config.trunk_digest:
+            raise SystemExit(f"{args.against} has no decoder on the trunk of {args.model}")
+        other = (Forward.from_pipeline(peer, batch_size=32), peer.segmenter.config.threshold)
     # The slices the served decoder trained and validated on (BRISC, known masks).
     trained_on = pipeline.segmentation_record.get("config", {}).get("datasets", SegTrainConfig().datasets)
     config = SegTrainConfig(datasets=tuple(trained_on))
     result: dict = {"checkpoint": str(args.model), "threshold": threshold, "splits": {}}
-    for name in ("train", "val"):
+    for name in args.splits:
         slices = SegData.of(data.splits[name], data_dir, config)
         dice = grid_dice(forward(slices.images, segment=True).mask_prob, slices.masks, threshold)
         tumour = slices.masks.any(axis=(1, 2))
@@ -61,6 +74,12 @@ def main() -> int:
                               for i, c in enumerate(TUMOR_CLASSES) if (tumour & (classes == i)).any()},
             "missed_share": float((dice[tumour] < 0.1).mean()),
             "empty_left_empty": float(dice[~tumour].mean()) if (~tumour).any() else None}
+        if other is not None:
+            other_dice = grid_dice(other[0](slices.images, segment=True).mask_prob, slices.masks, other[1])
+            result["splits"][name]["against"] = {
+                "checkpoint": str(args.against), "threshold": other[1],
+                "empty_left_empty": float(other_dice[~tumour].mean()) if (~tumour).any() else None,
+                "dice_tumour_difference": paired_mean_difference(dice[tumour], other_dice[tumour])}
     return finish(args.out, result, started=t0, ticks=ticks)
 
 

@@ -124,6 +124,22 @@ def test_paired_difference_and_mcnemar():
     assert same["difference"] == 0 and same["mcnemar_p"] == 1.0 and same["difference_ci95"] == [0.0, 0.0]
 
 
+def test_paired_mean_difference_of_per_slice_scores():
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.5, 0.9, 300)
+    a = b + rng.normal(0.02, 0.01, 300)  # A higher on most slices, by 0.02 on average
+    out = metrics.paired_mean_difference(a, b, n_resamples=500, seed=0)
+    assert out["difference"] == pytest.approx((a - b).mean()) and out["n"] == 300
+    assert out["a_higher"] + out["b_higher"] == 300 and out["a_higher"] > 250
+    lo, hi = out["difference_ci95"]
+    assert 0.015 < lo < out["difference"] < hi < 0.025  # paired: far narrower than either mean's own spread
+    assert out["wilcoxon_p"] < 1e-10
+    same = metrics.paired_mean_difference(b, b, n_resamples=50)
+    assert same["difference"] == 0 and same["wilcoxon_p"] == 1.0 and same["difference_ci95"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="paired"):
+        metrics.paired_mean_difference(a, b[:-1])
+
+
 def test_roc_curves_shape_and_bad_input():
     y, p = _probs(50, 3, seed=4)
     curves = metrics.roc_curves(y, p)
