@@ -125,3 +125,27 @@ def test_augmented_views_are_reproducible_distinct_copies():
     again, _ = augmented_views(images, 2, seed=3, batch_size=2)
     np.testing.assert_array_equal(again, first)  # same seed, same copies
     assert not np.array_equal(augmented_views(images, 1, seed=4, batch_size=2)[0], first)
+
+
+def test_init_from_continues_a_checkpoint(data, tmp_path, tmp_cache):
+    """`init_from` starts from a saved shared-trunk checkpoint: at learning rate 0 the continued model answers
+    as the checkpoint does, also with other blocks frozen than it was trained with."""
+    config = CONFIG.replace(recipe="generated-shared", model="shared_trunk", frozen_blocks=3, keep_best=True,
+                            epochs=2)
+    first = train_pipeline(config, None, tmp_path / "run", data=data, log=lambda _: None)
+    finalize_pipeline(first, data)
+    first.save_pretrained(tmp_path / "ckpt")
+    continued = config.replace(frozen_blocks=2, cache_lower_features=False, pixel_augment=True, epochs=1,
+                               learning_rate=0.0, init_from=str(tmp_path / "ckpt"))
+    second = train_pipeline(continued, None, tmp_path / "run2", data=data, log=lambda _: None)
+    finalize_pipeline(second, data)
+    second.save_pretrained(tmp_path / "ckpt2")
+    val = data.splits["val"]
+    before = Predictor.from_pretrained(tmp_path / "ckpt", batch_size=8).predict_arrays(val.images)
+    after = Predictor.from_pretrained(tmp_path / "ckpt2", batch_size=8).predict_arrays(val.images)
+    np.testing.assert_allclose(after.tumor_logits, before.tumor_logits, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(after.view_logits, before.view_logits, rtol=1e-3, atol=1e-3)
+    assert second.info.training.config["init_from"] == str(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="px"):
+        train_pipeline(continued.replace(image_size=2 * SIZE), None, tmp_path / "run3", data=data,
+                       log=lambda _: None)

@@ -29,7 +29,7 @@ def train_parser() -> argparse.ArgumentParser:
     for name, typ in (("epochs", int), ("batch-size", int), ("learning-rate", float), ("image-size", int),
                       ("seed", int), ("label-smoothing", float), ("frozen-blocks", int), ("max-images", int),
                       ("style-variants", int), ("head-refit-epochs", int), ("head-refit-views", int),
-                      ("head-refit-pastes", int), ("val-grouping", str)):
+                      ("head-refit-pastes", int), ("val-grouping", str), ("init-from", str)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the recipe's value")
     p.add_argument("--train-datasets", nargs="+", default=None, metavar="DATASET",
                    help="train and validate on these datasets only (e.g. brisc2025); the test sets stay the same")
@@ -49,7 +49,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         frozen_blocks=args.frozen_blocks, max_images=args.max_images,
                         style_variants=args.style_variants, head_refit_epochs=args.head_refit_epochs,
                         head_refit_views=args.head_refit_views, head_refit_pastes=args.head_refit_pastes,
-                        val_grouping=args.val_grouping,
+                        val_grouping=args.val_grouping, init_from=args.init_from,
                         train_datasets=tuple(args.train_datasets) if args.train_datasets else None)
     run_dir = args.run_dir or Path("runs") / config.recipe
     data_dir = args.data_dir or default_data_dir()

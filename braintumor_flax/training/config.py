@@ -30,6 +30,9 @@ class TrainConfig:
     zoom: float = 0.2
     use_view_feature: bool = True  # False = the ablation: tumour model without the view branch
     pretrained: bool = True  # ImageNet VGG16 convolutions; False = random (generated-data tests)
+    # Start from this checkpoint's weights (trunk and heads; the shared-trunk model), not from ImageNet: a CPU
+    # recipe that continues a trained model with more blocks unfrozen costs a few epochs, not a whole training.
+    init_from: str = ""
     # "two_stage": the original's two networks, trained one after the other; "shared_trunk": one trunk, both
     # heads trained together (models/shared_trunk.py).
     model: Literal["two_stage", "shared_trunk"] = "two_stage"
@@ -154,6 +157,15 @@ RECIPES: dict[str, TrainConfig] = {
                                         frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
                                         learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
                                         style_variants=1),
+    # CPU: the served checkpoint continued for 2 epochs with blocks 3-5 trainable, on pixels with the
+    # source-robustness augmentation (blocks 1-2 frozen: ~40 % of the cost of training every block here), then
+    # the head refit. `--init-from` names the checkpoint (default: the served one, checkpoints-shared-trunk).
+    "shared-frozen2-aug-warm": TrainConfig(recipe="shared-frozen2-aug-warm", model="shared_trunk", epochs=2,
+                                           frozen_blocks=2, cache_lower_features=False, pixel_augment=True,
+                                           vflip=False, schedule="warmup_cosine", warmup_epochs=0.25,
+                                           learning_rate=5e-5, weight_decay=1e-4, label_smoothing=0.1,
+                                           keep_best=True, head_refit_epochs=30,
+                                           init_from="checkpoints-shared-trunk"),
     # GPU: every block trained on pixels with the source-robustness augmentation, at four input sizes.
     **{f"shared-finetune-{size}": TrainConfig(
         recipe=f"shared-finetune-{size}", model="shared_trunk", image_size=size, epochs=30, frozen_blocks=0,

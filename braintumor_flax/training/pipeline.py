@@ -32,7 +32,7 @@ from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier,
 from braintumor_flax.models.forward import Forward, pad_rows, padded_chunks
 from braintumor_flax.models.params import lower_blocks_digest, weights_digest
 from braintumor_flax.models.pretrained import assign_vgg16, load_imagenet_vgg16
-from braintumor_flax.models.shared_trunk import build_shared_trunk
+from braintumor_flax.models.shared_trunk import SharedTrunkClassifier, build_shared_trunk
 from braintumor_flax.paths import cache_dir
 from braintumor_flax.training.augment import StyleRandomize, style_randomize
 from braintumor_flax.training.config import TrainConfig
@@ -467,6 +467,20 @@ def _train_two_stage(config: TrainConfig, data: PreparedData, run_dir: Path, tim
 
 
 
+def init_shared_trunk(model: SharedTrunkClassifier, checkpoint: str | Path) -> None:
+    """Copy a shared-trunk checkpoint's trunk and both heads into `model` (same architecture and input size)."""
+    source = BrainTumorPipeline.from_pretrained(checkpoint)
+    if not source.info.shared_trunk:
+        raise ValueError(f"{checkpoint}: not a shared-trunk checkpoint")
+    theirs, ours = source.view_model.config, model.view.config
+    if (theirs.image_size, theirs.width_divisor) != (ours.image_size, ours.width_divisor):
+        raise ValueError(f"{checkpoint}: {theirs.image_size} px / width ÷{theirs.width_divisor}, the recipe wants "
+                         f"{ours.image_size} px / ÷{ours.width_divisor}")
+    for mine, loaded in ((model.view, source.view_model), (model.tumor, source.tumor_model)):
+        # Stored weights may be float16; training computes in float32.
+        nnx.update(mine, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), nnx.state(loaded, nnx.Param)))
+
+
 def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *, resume: bool = False,
                        weights_source: str | Path | None = None, log: Callable[[str], None] = print
                        ) -> BrainTumorPipeline:
@@ -477,7 +491,10 @@ def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *
     view_config = ModelConfig("view", image_size=config.image_size, width_divisor=config.width_divisor,
                               lower_blocks=config.lower_blocks)
     model = build_shared_trunk(view_config, use_view_feature=config.use_view_feature, seed=config.seed)
-    if config.pretrained:
+    if config.init_from:
+        init_shared_trunk(model, config.init_from)
+        log(f"shared trunk: weights from {config.init_from}")
+    elif config.pretrained:
         assign_vgg16(model.view.vgg, load_imagenet_vgg16(weights_source))
     train_split, val_split, train_x, val_x = _stage_inputs(config, data, model.view)
     from_lower = config.lower_features_cacheable
