@@ -146,6 +146,6 @@ def test_init_from_continues_a_checkpoint(data, tmp_path, tmp_cache):
     np.testing.assert_allclose(after.tumor_logits, before.tumor_logits, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(after.view_logits, before.view_logits, rtol=1e-3, atol=1e-3)
     assert second.info.training.config["init_from"] == str(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match="px"):
+    with pytest.raises(ValueError, match="the recipe wants"):
         train_pipeline(continued.replace(image_size=2 * SIZE), None, tmp_path / "run3", data=data,
                        log=lambda _: None)

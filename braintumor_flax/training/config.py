@@ -158,8 +158,8 @@ RECIPES: dict[str, TrainConfig] = {
                                         learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,
                                         style_variants=1),
     # CPU: the served checkpoint continued for 2 epochs with blocks 3-5 trainable, on pixels with the
-    # source-robustness augmentation (blocks 1-2 frozen: ~40 % of the cost of training every block here), then
-    # the head refit. `--init-from` names the checkpoint (default: the served one, checkpoints-shared-trunk).
+    # source-robustness augmentation, then the head refit. Blocks 1-2 frozen: about 60 % of the cost of training
+    # every block (2-core Xeon). `--init-from` names the checkpoint (default: the served one). Not adopted (README).
     "shared-frozen2-aug-warm": TrainConfig(recipe="shared-frozen2-aug-warm", model="shared_trunk", epochs=2,
                                            frozen_blocks=2, cache_lower_features=False, pixel_augment=True,
                                            vflip=False, schedule="warmup_cosine", warmup_epochs=0.25,

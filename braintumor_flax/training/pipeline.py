@@ -30,7 +30,7 @@ from braintumor_flax.data.splits import PreparedData, Split
 from braintumor_flax.hub import BrainTumorPipeline
 from braintumor_flax.models import ModelConfig, TumorClassifier, ViewClassifier, build_model
 from braintumor_flax.models.forward import Forward, pad_rows, padded_chunks
-from braintumor_flax.models.params import lower_blocks_digest, weights_digest
+from braintumor_flax.models.params import flat_params, load_flat_params, lower_blocks_digest, weights_digest
 from braintumor_flax.models.pretrained import assign_vgg16, load_imagenet_vgg16
 from braintumor_flax.models.shared_trunk import SharedTrunkClassifier, build_shared_trunk
 from braintumor_flax.paths import cache_dir
@@ -476,9 +476,9 @@ def init_shared_trunk(model: SharedTrunkClassifier, checkpoint: str | Path) -> N
     if (theirs.image_size, theirs.width_divisor) != (ours.image_size, ours.width_divisor):
         raise ValueError(f"{checkpoint}: {theirs.image_size} px / width ÷{theirs.width_divisor}, the recipe wants "
                          f"{ours.image_size} px / ÷{ours.width_divisor}")
+    # Loaded as equal copies, the view and tumour models give the one trunk the same values.
     for mine, loaded in ((model.view, source.view_model), (model.tumor, source.tumor_model)):
-        # Stored weights may be float16; training computes in float32.
-        nnx.update(mine, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), nnx.state(loaded, nnx.Param)))
+        load_flat_params(mine, flat_params(loaded))
 
 
 def train_shared_trunk(config: TrainConfig, data: PreparedData, run_dir: Path, *, resume: bool = False,
