@@ -110,10 +110,12 @@ def _write_brisc_like(root: Path, split: str, n: int, seed: int) -> Split:
                  np.array(["brisc2025"] * n), paths, hashes)
 
 
-# The light decoder over blocks 1-3 (any trunk), and the one that also reads a shared trunk's blocks 4-5 and
-# refines at full resolution from the slice itself.
-@pytest.mark.parametrize("deep", [False, True])
-def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory, deep):
+# The light decoder over blocks 1-3 (any trunk), the one that also reads a shared trunk's blocks 4-5 and
+# refines at full resolution from the slice itself, and that one with its own trainable pixel encoder.
+@pytest.mark.parametrize("variant", ["light", "deep", "deep_pixel"])
+def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory, variant):
+    deep = variant != "light"
+    pixel_widths = (4, 8, 8) if variant == "deep_pixel" else ()
     data = PreparedData({"train": _write_brisc_like(tmp_path, "train", 96, 0),
                          "val": _write_brisc_like(tmp_path, "val", 24, 1)}, report={}, dataset_hash="gen",
                         image_size=SIZE)
@@ -122,7 +124,8 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
     pipeline = tiny_pipeline_factory(image_size=SIZE, width_divisor=16)
     if deep:  # both models hold the same whole VGG here: a shared trunk
         pipeline.info = dataclasses.replace(pipeline.info, shared_trunk=True)
-    config = SegTrainConfig(epochs=12, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2, deep=deep, full_res=deep)
+    config = SegTrainConfig(epochs=12, batch_size=8, learning_rate=3e-3, warmup_epochs=0.2, deep=deep, full_res=deep,
+                            pixel_widths=pixel_widths)
     segmenter, record = train_segmenter(pipeline.view_model.vgg, data, tmp_path, config, log=lambda _: None)
     history = record["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -130,6 +133,7 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
 
     assert segmenter.config.deep == deep and segmenter.config.threshold == record["threshold"]
     assert set(segmenter.config.inputs) >= {"block4_conv3", "block5_conv3", "image"} if deep else True
+    assert segmenter.config.pixel_widths == pixel_widths and hasattr(segmenter, "pixel4") == bool(pixel_widths)
 
     pipeline.attach_segmenter(segmenter, record)
     pipeline.save_pretrained(tmp_path / "ckpt")
@@ -180,6 +184,17 @@ def test_segmenter_learns_saves_loads_and_serves(tmp_path, tiny_pipeline_factory
         two_trunks.attach_segmenter(segmenter, record)
         with pytest.raises(ValueError, match="one shared trunk"):
             Forward.from_pipeline(two_trunks)
+
+
+def test_a_pixel_encoder_needs_three_widths_and_the_full_resolution_level():
+    from braintumor_flax.models.segmentation import SegmentationConfig
+
+    with pytest.raises(ValueError, match="needs full_res"):
+        SegmentationConfig(image_size=SIZE, full_res=False, pixel_widths=(4, 8, 8))
+    with pytest.raises(ValueError, match="3 widths"):
+        SegmentationConfig(image_size=SIZE, full_res=True, pixel_widths=(4, 8))
+    config = SegmentationConfig(image_size=SIZE, full_res=True, pixel_widths=(4, 8, 8))
+    assert SegmentationConfig.from_dict(config.to_dict()) == config  # as config.json stores it (lists)
 
 
 def test_a_map_is_scored_against_the_mask_after_upsampling():

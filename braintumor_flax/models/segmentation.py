@@ -7,6 +7,9 @@
     block2_conv2 (S/2)  ─ conv1×1 ─────────────────────────────────────────┘
     … full_res=False: conv1×1 → logit (S/2), bilinear ×2 → mask logit (S × S)
       full_res=True:  up ⊕ conv3×3 of the slice itself (S) → conv → conv1×1 → mask logit (S × S)
+    pixel_widths=(p1, p2, p4) (needs full_res): a small trainable encoder of the slice itself,
+      conv×2 (S, p1) → pool → conv×2 (S/2, p2) → pool → conv (S/4, p4), joined at the S, S/2 and S/4 levels:
+      edges and textures learnt from the masks beside the frozen ImageNet skips.
 
 Every input is an activation the classifier's forward pass computes anyway (`models.forward`), so segmenting
 adds only the decoder. Blocks 1-3 are frozen ImageNet weights in every CPU recipe; `deep=True` also reads the
@@ -46,6 +49,12 @@ class SegmentationConfig:
     deep: bool = False  # also read blocks 4-5 (DEEP_LAYERS)
     full_res: bool = False  # a last level at S × S with the slice as its skip
     full_res_width: int = 16
+    # Widths of the trainable pixel encoder at S, S/2, S/4; () = none (the served decoder has none).
+    pixel_widths: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.pixel_widths and (len(self.pixel_widths) != 3 or not self.full_res):
+            raise ValueError("pixel_widths takes 3 widths (S, S/2, S/4) and needs full_res (it reads the slice)")
 
     @property
     def encoder_blocks(self) -> int:
@@ -59,14 +68,15 @@ class SegmentationConfig:
         return SKIP_LAYERS + (DEEP_LAYERS if self.deep else ()) + ((IMAGE,) if self.full_res else ())
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "widths": list(self.widths)}
+        return {**dataclasses.asdict(self), "widths": list(self.widths), "pixel_widths": list(self.pixel_widths)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SegmentationConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in names}
-        if "widths" in data:
-            data["widths"] = tuple(data["widths"])
+        for key in ("widths", "pixel_widths"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
@@ -134,13 +144,18 @@ class TumorSegmenter(nnx.Module):
         self.context_coarse2 = conv(w8, w8)
         self.context_out = conv(w8, w8)
         self.skip4, self.skip2 = conv(c3, w4, 1), conv(c2, w2, 1)
-        self.fuse4, self.fuse2 = conv(w8 + w4, w4), conv(w4 + w2, w2)
+        p1, p2, p4 = config.pixel_widths or (0, 0, 0)
+        if config.pixel_widths:
+            self.pixel1a, self.pixel1b = conv(1, p1), conv(p1, p1)
+            self.pixel2a, self.pixel2b = conv(p1, p2), conv(p2, p2)
+            self.pixel4 = conv(p2, p4)
+        self.fuse4, self.fuse2 = conv(w8 + w4 + p4, w4), conv(w4 + w2 + p2, w2)
         if config.deep:
             self.deep4, self.deep5 = conv(c4, w8, 1), conv(c5, w8, 1)
         if config.full_res:
             w1 = config.full_res_width
             self.skip1 = conv(1, w1)
-            self.fuse1 = conv(w2 + w1, w1)
+            self.fuse1 = conv(w2 + w1 + p1, w1)
             self.refine1 = conv(w1, w1)
             self.out = conv(w1, 1, 1)
         else:
@@ -159,12 +174,21 @@ class TumorSegmenter(nnx.Module):
             coarse = coarse + relu(self.deep5(skips["block5_conv3"]))
         coarse = relu(self.context_coarse2(relu(self.context_coarse1(coarse))))
         x = relu(self.context_out(x + _up(coarse)))
-        for fuse, skip, name in ((self.fuse4, self.skip4, "block3_conv3"), (self.fuse2, self.skip2, "block2_conv2")):
-            x = relu(fuse(jnp.concatenate([_up(x), relu(skip(skips[name]))], axis=-1)))
+        pixels = self._pixel_features(skips[IMAGE]) if cfg.pixel_widths else ([], [], [])
+        for fuse, skip, name, own in ((self.fuse4, self.skip4, "block3_conv3", pixels[2]),
+                                      (self.fuse2, self.skip2, "block2_conv2", pixels[1])):
+            x = relu(fuse(jnp.concatenate([_up(x), relu(skip(skips[name])), *own], axis=-1)))
         if not cfg.full_res:
             return _up_bilinear(self.out(x)[..., 0])
-        x = relu(self.fuse1(jnp.concatenate([_up_bilinear(x), relu(self.skip1(skips[IMAGE]))], axis=-1)))
+        x = relu(self.fuse1(jnp.concatenate([_up_bilinear(x), relu(self.skip1(skips[IMAGE])), *pixels[0]], axis=-1)))
         return self.out(relu(self.refine1(x)))[..., 0]
+
+    def _pixel_features(self, image: jax.Array) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array]]:
+        """The trainable pixel encoder's features at S, S/2 and S/4 (each a one-element list, to concatenate)."""
+        relu = jax.nn.relu
+        at1 = relu(self.pixel1b(relu(self.pixel1a(image))))
+        at2 = relu(self.pixel2b(relu(self.pixel2a(max_pool_2x2(at1)))))
+        return [at1], [at2], [relu(self.pixel4(max_pool_2x2(at2)))]
 
 
 def build_segmenter(config: SegmentationConfig, *, seed: int = 0) -> TumorSegmenter:

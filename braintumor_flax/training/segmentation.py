@@ -55,6 +55,7 @@ class SegTrainConfig:
     dice_weight: float = 1.0
     deep: bool = False  # also read the classifier's VGG blocks 4-5 (SegmentationConfig.deep)
     full_res: bool = False  # a last decoder level at full resolution (SegmentationConfig.full_res)
+    pixel_widths: tuple[int, ...] = ()  # a trainable encoder of the slice itself (SegmentationConfig.pixel_widths)
     # Pixel-space augmented copies of each training slice (affine + photometric, the mask moved with it),
     # encoded once beside the original: each epoch takes one of the 1 + augment_copies versions per slice.
     augment_copies: int = 0
@@ -63,7 +64,7 @@ class SegTrainConfig:
     max_images: int | None = None  # cap per split (smoke tests)
 
     def to_dict(self) -> dict[str, Any]:
-        record = {**dataclasses.asdict(self), "datasets": list(self.datasets)}
+        record = {**dataclasses.asdict(self), "datasets": list(self.datasets), "pixel_widths": list(self.pixel_widths)}
         if self.augment_copies:
             record["pixel_augment"] = dataclasses.asdict(SEGMENT_AUGMENT)
         return record
@@ -229,7 +230,7 @@ def train_segmenter(vgg: VGG16, data: PreparedData, masks_from: MaskSource, conf
     size = train.images.shape[1]
     width_divisor = 64 // vgg.block1_conv1.kernel.get_value().shape[-1]
     seg_config = SegmentationConfig(image_size=size, width_divisor=width_divisor, deep=config.deep,
-                                    full_res=config.full_res)
+                                    full_res=config.full_res, pixel_widths=config.pixel_widths)
     seg_config = dataclasses.replace(seg_config, trunk_digest=trunk_digest(vgg, seg_config.encoder_blocks))
     segmenter = build_segmenter(seg_config, seed=config.seed)
     steps = len(train) // config.batch_size
@@ -332,10 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
     p.add_argument("--deep", action="store_true", help="also read the classifier's VGG blocks 4-5 (a shared trunk)")
     p.add_argument("--full-res", action="store_true", help="a last decoder level at full resolution")
+    p.add_argument("--pixel-encoder", default=None, metavar="P1,P2,P4",
+                   help="widths of a trainable encoder of the slice itself at S, S/2, S/4 (e.g. 16,32,64; needs "
+                        "--full-res)")
     args = p.parse_args(argv)
     tunable = ("epochs", "batch_size", "learning_rate", "max_images", "augment_copies")
     overrides = {k: v for k, v in vars(args).items() if k in tunable and v is not None}
     overrides.update(deep=args.deep, full_res=args.full_res)
+    if args.pixel_encoder:
+        overrides["pixel_widths"] = tuple(int(w) for w in args.pixel_encoder.split(","))
     config = dataclasses.replace(SegTrainConfig(), **overrides)
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
     if args.dtype:
