@@ -259,10 +259,12 @@ def test_outline_is_drawn_on_the_mask_boundary_only():
     assert not image.any()  # a copy: the input is untouched
 
 
-def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_validated(tmp_path, tiny_pipeline_factory):
-    """The joint stage on a shared trunk with a deep decoder: blocks 1-3 stay bit-identical, the rest trains, the
-    kept epoch is the best on validation (epoch 0, the start, included), and the saved checkpoint's served masks are
-    the ones it validated."""
+@pytest.mark.parametrize("frozen_blocks", [3, 2], ids=["blocks4-5", "blocks3-5"])
+def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_validated(tmp_path, tiny_pipeline_factory,
+                                                                                       frozen_blocks):
+    """The joint stage on a shared trunk with a deep decoder: the frozen blocks (1-3, or 1-2 with block 3 trained)
+    stay bit-identical, the rest trains, the kept epoch is the best on validation (epoch 0, the start, included),
+    and the saved checkpoint, split after block 3 as before, serves the masks it validated."""
     from flax import nnx
 
     from braintumor_flax.training.joint_segmentation import JointConfig, train_joint
@@ -286,7 +288,7 @@ def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_val
     before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(pipeline.view_model.vgg, nnx.Param))}
 
     config = JointConfig(epochs=3, batch_size=8, seg_rows=4, learning_rate=3e-3, decoder_learning_rate=3e-3,
-                         warmup_epochs=0.2)
+                         warmup_epochs=0.2, frozen_blocks=frozen_blocks)
     joint = train_joint(pipeline, data, tmp_path, config, log=lambda _: None)["joint"]
     history = joint["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
@@ -295,9 +297,10 @@ def test_joint_fine_tuning_trains_trunk_heads_and_decoder_and_serves_what_it_val
     assert history[-1]["train_seg_loss"] < history[1]["train_seg_loss"]
     after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(pipeline.view_model.vgg, nnx.Param))}
     for name, value in before.items():
-        frozen = any(f"block{b}_" in str(name) for b in (1, 2, 3))
+        frozen = any(f"block{b}_" in str(name) for b in range(1, frozen_blocks + 1))
         assert np.array_equal(value, after[name]) == (frozen or joint["kept_epoch"] == 0), name
     assert pipeline.tumor_model.vgg is pipeline.view_model.vgg
+    assert pipeline.view_model.config.lower_blocks == pipeline.tumor_model.config.lower_blocks == 3
     assert pipeline.info.training.recipe == "stand-in-joint"
     assert pipeline.info.training.history["joint"][-1] == {
         "kept_epoch": joint["kept_epoch"], "val_accuracy": history[joint["kept_epoch"]]["val_tumor_accuracy"],

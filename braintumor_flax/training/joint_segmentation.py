@@ -7,7 +7,11 @@ an existing checkpoint take gradients from one loss: view and tumour cross-entro
 the decoder's binary cross-entropy + soft Dice, so the mask's supervision reaches the features both heads read.
 
 Blocks 1-3 stay frozen, as in every CPU recipe: their output (block3_pool, the trunk's cached lower features) and
-the decoder's frozen skips (block2_conv2, block3_conv3 and the slice itself) are computed once per image. Each
+the decoder's frozen skips (block2_conv2, block3_conv3 and the slice itself) are computed once per image. With
+`frozen_blocks=2` (`--train-block3`) block 3 trains too: the cached lower output is then block2_pool, and the
+decoder's S/4 and S/8 skips (block3_conv3, block3_pool) come from the trainable block 3 (the frozen ImageNet
+features there being what limits the served decoder, README); the OOD statistics, which read blocks 1-3, are
+refitted with the temperatures. Serving splits the trunk after block 3 as before: no extra compute. Each
 step takes `seg_rows` slices with a known mask (BRISC, no-tumour slices as empty masks) and fills the batch with
 other training images (Kaggle, BRISC without a mask file): about the pool's own mix. Each row is mirrored at
 random, its activations and mask together. Epoch 0 is the checkpoint as given; the epoch with the best validation
@@ -41,10 +45,12 @@ from braintumor_flax.models.forward import pad_rows, padded_chunks
 from braintumor_flax.models.segmentation import (
     DEEP_LAYERS,
     IMAGE,
+    SKIP_LAYERS,
     SegmentationConfig,
     TumorSegmenter,
     trunk_digest,
 )
+from braintumor_flax.models.vgg16 import max_pool_2x2
 from braintumor_flax.training.pipeline import _cap, lower_features, machine_description
 from braintumor_flax.training.segmentation import (
     MaskSource,
@@ -57,8 +63,13 @@ from braintumor_flax.training.segmentation import (
 from braintumor_flax.training.steps import masked_loss, trainable_filter, warmup_cosine
 from braintumor_flax.xla import cpu_jit
 
-# The decoder's frozen inputs cached per slice; block3_pool is the trunk's lower output, cached for every image.
-FROZEN_SKIPS = ("block2_conv2", "block3_conv3", IMAGE)
+SERVED_LOWER_BLOCKS = 3  # where the checkpoint's trunk splits (the decoder's frozen skips are blocks 1-3)
+
+
+def frozen_skips(frozen_blocks: int) -> tuple[str, ...]:
+    """The decoder's inputs that stay fixed, cached per slice: the skips of the frozen VGG blocks and the slice.
+    The trunk's lower output (block3_pool, or block2_pool with block 3 trained) is cached for every image."""
+    return ("block2_conv2",) + (("block3_conv3",) if frozen_blocks >= 3 else ()) + (IMAGE,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +85,14 @@ class JointConfig:
     label_smoothing: float = 0.1  # as the shared-frozen3 recipes
     seed: int = 0
     max_images: int | None = None  # cap per split (smoke tests)
+    # VGG blocks 1..frozen_blocks keep their weights: 3 as the served recipe; 2 also trains block 3, whose
+    # activations are the decoder's S/4 and S/8 skips.
+    frozen_blocks: int = SERVED_LOWER_BLOCKS
+
+    def __post_init__(self) -> None:
+        if self.frozen_blocks not in (2, 3):
+            raise ValueError(f"frozen_blocks must be 2 or 3 (the decoder's skips come from blocks 2-3), "
+                             f"got {self.frozen_blocks}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,7 +116,10 @@ class JointModel(nnx.Module):
         tumor_logits = self.tumor.head(last_conv, feature if self.tumor.config.use_view_feature else None,
                                        train=train, key=k2)
         n = len(next(iter(frozen_skips.values())))
-        skips = {**frozen_skips, "block3_pool": lower[:n], **{k: upper[k][:n] for k in DEEP_LAYERS}}
+        from_trunk = {f"block{self.view.config.lower_blocks}_pool": lower, **upper}
+        if "block3_conv3" in upper:  # block 3 trains: its pooled output is the decoder's S/8 input
+            from_trunk["block3_pool"] = max_pool_2x2(upper["block3_conv3"])
+        skips = {**frozen_skips, **{k: from_trunk[k][:n] for k in SKIP_LAYERS + DEEP_LAYERS if k not in frozen_skips}}
         return view_logits, tumor_logits, self.segmenter(skips)
 
 
@@ -178,7 +200,7 @@ class JointData:
         skip_config = dataclasses.replace(model.segmenter.config, deep=False)
         skips = encode_images(model.view.vgg, split.images[rows], skip_config) if len(rows) else {}
         return cls(lower_features(model.view, split), np.stack([split.plane, split.tumor], axis=1), rows,
-                   {k: skips[k] for k in FROZEN_SKIPS if k in skips}, masks[rows])
+                   {k: skips[k] for k in frozen_skips(config.frozen_blocks) if k in skips}, masks[rows])
 
 
 def _evaluate(state: JointState, val: JointData, threshold: float, batch_size: int = 32
@@ -227,11 +249,12 @@ def train_joint(pipeline: BrainTumorPipeline, data: PreparedData, masks_from: Ma
     """Fine-tune `pipeline` (a shared trunk with a deep segmenter) in place; returns the training record."""
     if not pipeline.shares_trunk or pipeline.segmenter is None or not pipeline.segmenter.config.deep:
         raise ValueError("joint fine-tuning needs a shared-trunk checkpoint with a deep segmenter (blocks 1-5)")
-    frozen_blocks = pipeline.view_model.config.lower_blocks
-    if frozen_blocks != 3:
-        raise ValueError(f"the decoder's frozen skips are blocks 1-3; this trunk's lower part is blocks 1-"
-                         f"{frozen_blocks}")
+    if pipeline.view_model.config.lower_blocks != SERVED_LOWER_BLOCKS:
+        raise ValueError(f"the decoder's frozen skips are blocks 1-{SERVED_LOWER_BLOCKS}; this trunk's lower part is "
+                         f"blocks 1-{pipeline.view_model.config.lower_blocks}")
+    frozen_blocks = config.frozen_blocks
     t0 = time.perf_counter()
+    _split_trunk_after(pipeline, frozen_blocks)  # the cached lower output: the frozen blocks' (restored below)
     model = JointModel(pipeline.view_model, pipeline.tumor_model, pipeline.segmenter)
     train = JointData.of(model, data.splits["train"], masks_from, config)
     val = JointData.of(model, data.splits["val"], masks_from, config)
@@ -287,6 +310,7 @@ def train_joint(pipeline: BrainTumorPipeline, data: PreparedData, masks_from: Ma
     model = state.model()
     vgg = model.view.vgg
     pipeline.view_model, pipeline.tumor_model = model.view, model.tumor
+    _split_trunk_after(pipeline, SERVED_LOWER_BLOCKS)
     seg_config: SegmentationConfig = dataclasses.replace(model.segmenter.config, threshold=threshold,
                                                          trunk_digest=trunk_digest(vgg, 5))
     model.segmenter.config = seg_config
@@ -315,12 +339,18 @@ def train_joint(pipeline: BrainTumorPipeline, data: PreparedData, masks_from: Ma
     return record
 
 
+def _split_trunk_after(pipeline: BrainTumorPipeline, lower_blocks: int) -> None:
+    """Both classifiers' lower stage ends after block `lower_blocks`: the same computation, split elsewhere."""
+    for model in (pipeline.view_model, pipeline.tumor_model):
+        model.config = dataclasses.replace(model.config, lower_blocks=lower_blocks)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
     from braintumor_flax.paths import default_data_dir
-    from braintumor_flax.training.fit_statistics import fit_calibration, prepare_training_data
+    from braintumor_flax.training.fit_statistics import finalize_pipeline, prepare_training_data
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True,
@@ -331,16 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, typ in (("epochs", int), ("learning-rate", float), ("decoder-learning-rate", float),
                       ("seg-weight", float), ("max-images", int)):
         p.add_argument(f"--{name}", type=typ, default=None, help="override the default")
+    p.add_argument("--train-block3", action="store_true",
+                   help="train VGG block 3 too (the decoder's S/4 and S/8 skips); blocks 1-2 stay frozen")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
                  if k in {f.name for f in dataclasses.fields(JointConfig)} and v is not None}
+    if args.train_block3:
+        overrides["frozen_blocks"] = 2
     config = dataclasses.replace(JointConfig(), **overrides)
     pipeline = BrainTumorPipeline.from_pretrained(args.checkpoint)
     pipeline.storage_dtype = args.dtype
     data_dir = args.data_dir or default_data_dir()
     data = prepare_training_data(pipeline, data_dir)  # the checkpoint's own split: no test image trains it
     record = train_joint(pipeline, data, data_dir, config)
-    pipeline.info.calibration = fit_calibration(pipeline, data)
+    finalize_pipeline(pipeline, data)  # temperatures, and the OOD statistics (blocks 1-3: block 3 may have trained)
     pipeline.save_pretrained(args.out)
     print(json.dumps({k: v for k, v in record["joint"].items() if k != "history"}))
     return 0
