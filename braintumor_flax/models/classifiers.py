@@ -98,7 +98,8 @@ class _VGGClassifier(nnx.Module):
 
     def upper_convs(self, lower: jax.Array, *, intermediates: dict[str, jax.Array] | None = None) -> jax.Array:
         """Remaining conv blocks, stopping before the last pooling (Grad-CAM's target layer). `intermediates`,
-        if given, receives each block's last conv output (`blockN_convM`, as `VGG16` names them)."""
+        if given, receives each block's last conv output and the pooled output of the blocks before the last
+        (`blockN_convM`, `blockN_pool`, as `VGG16` names them)."""
         x = lower
         for block in range(self.config.lower_blocks + 1, 6):
             x = self.vgg.block_convs(x, block)
@@ -106,6 +107,8 @@ class _VGGClassifier(nnx.Module):
                 intermediates[f"block{block}_conv{len(VGG16_BLOCKS[block - 1])}"] = x
             if block < 5:
                 x = max_pool_2x2(x)
+                if intermediates is not None:
+                    intermediates[f"block{block}_pool"] = x
         return x
 
 

@@ -50,7 +50,6 @@ from braintumor_flax.models.segmentation import (
     TumorSegmenter,
     trunk_digest,
 )
-from braintumor_flax.models.vgg16 import max_pool_2x2
 from braintumor_flax.training.pipeline import _cap, lower_features, machine_description
 from braintumor_flax.training.segmentation import (
     MaskSource,
@@ -116,9 +115,7 @@ class JointModel(nnx.Module):
         tumor_logits = self.tumor.head(last_conv, feature if self.tumor.config.use_view_feature else None,
                                        train=train, key=k2)
         n = len(next(iter(frozen_skips.values())))
-        from_trunk = {f"block{self.view.config.lower_blocks}_pool": lower, **upper}
-        if "block3_conv3" in upper:  # block 3 trains: its pooled output is the decoder's S/8 input
-            from_trunk["block3_pool"] = max_pool_2x2(upper["block3_conv3"])
+        from_trunk = {f"block{self.view.config.lower_blocks}_pool": lower, **upper}  # block3_pool either way
         skips = {**frozen_skips, **{k: from_trunk[k][:n] for k in SKIP_LAYERS + DEEP_LAYERS if k not in frozen_skips}}
         return view_logits, tumor_logits, self.segmenter(skips)
 
