@@ -67,7 +67,8 @@ class PixelAugment:
     """Pixel-space augmentation aimed at differences between sources (scanners, exports, crops).
 
     Geometric: one random affine per image (scale, shift, rotation, flips), bilinear, zero fill. Photometric,
-    on [0, 255] grey values: brightness, contrast, gamma, a random monotone intensity curve, blur and noise.
+    on [0, 255] grey values: brightness, contrast, gamma, a random monotone intensity curve, blur and noise; and,
+    when switched on (`processing`), the processing changes below (SOURCE_AUGMENT has them all).
     """
 
     hflip: bool = True
@@ -81,6 +82,27 @@ class PixelAugment:
     curve: float = 0.1  # ± shift of the mid control points of a monotone intensity curve
     blur_p: float = 0.2
     noise_std: float = 4.0  # max Gaussian noise σ in grey levels
+    # Differences of processing between sources (all off by default, so the recipes above keep their augmentation
+    # bit for bit; SOURCE_AUGMENT turns them on). Applied after the changes above, in the order an export chain
+    # would: a non-monotone intensity curve (another sequence's contrasts), denoising (3×3 median), Gaussian blur,
+    # sharpening (unsharp mask), resampling (down- then up-scaling) and JPEG re-encoding.
+    curve_free_p: float = 0.0
+    curve_free_knots: int = 4  # interior control points, evenly spaced; black stays black
+    denoise_p: float = 0.0
+    gauss_blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)  # pixels
+    sharpen_p: float = 0.0
+    sharpen_amount: tuple[float, float] = (0.3, 1.5)
+    resample_p: float = 0.0
+    resample_scale: tuple[float, float] = (0.4, 0.9)  # the intermediate size, as a fraction of the side
+    jpeg_p: float = 0.0
+    jpeg_quality: tuple[float, float] = (30.0, 95.0)
+
+    @property
+    def processing(self) -> bool:
+        """Whether any of the processing changes is on (off: the original augmentation, bit for bit)."""
+        return any(p > 0 for p in (self.curve_free_p, self.denoise_p, self.gauss_blur_p, self.sharpen_p,
+                                   self.resample_p, self.jpeg_p))
 
 
 def _affine_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax.Array:
@@ -117,7 +139,113 @@ def _photometric_one(key: jax.Array, image: jax.Array, aug: PixelAugment) -> jax
     sigma = jax.random.uniform(k[5], (), minval=0.0, maxval=aug.noise_std / 255.0)
     x = x + sigma * jax.random.normal(k[6], (*x.shape[:2], 1))  # the same noise in every channel
     # The slices are grey: apply one grey change to all three channels alike (they stay equal).
-    return jnp.clip(x, 0.0, 1.0) * 255.0
+    x = jnp.clip(x, 0.0, 1.0)
+    if aug.processing:  # its own key (k[7], unused before), so the draws above stay as they were
+        x = _processing_one(k[7], x, aug)
+    return x * 255.0
+
+
+# The JPEG standard's luminance quantisation table (quality 50); grey slices have luminance only.
+_JPEG_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                       14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113,
+                       92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+                      np.float32).reshape(8, 8)
+
+
+def _dct8() -> np.ndarray:
+    """The orthonormal 8-point DCT-II matrix [frequency, sample] of JPEG's blocks."""
+    k, n = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    c = np.cos(np.pi * (2 * n + 1) * k / 16) * np.sqrt(2 / 8)
+    c[0] /= np.sqrt(2)
+    return c.astype(np.float32)
+
+
+def _separable(matrix: jax.Array, x: jax.Array) -> jax.Array:
+    """The same [n, n] linear map along rows and columns of x [n, n, C]."""
+    return jnp.einsum("ij,jkc,lk->ilc", matrix, x, matrix, precision=jax.lax.Precision.HIGHEST)
+
+
+def _gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int = 3) -> jax.Array:
+    """Separable Gaussian blur of x [H, W, C] with a traced σ, edges repeated."""
+    taps = jnp.exp(-(jnp.arange(-radius, radius + 1, dtype=jnp.float32) ** 2) / (2 * sigma**2))
+    taps = taps / taps.sum()
+    padded = jnp.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    h, w = x.shape[:2]
+    rows = sum(taps[i] * padded[i:i + h] for i in range(2 * radius + 1))
+    return sum(taps[i] * rows[:, i:i + w] for i in range(2 * radius + 1))
+
+
+def _median3(x: jax.Array) -> jax.Array:
+    """3×3 median of x [H, W, C] (edges repeated): a denoiser that keeps edges."""
+    h, w = x.shape[:2]
+    padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return jnp.median(jnp.stack([padded[i:i + h, j:j + w] for i in range(3) for j in range(3)]), axis=0)
+
+
+def _resample_matrix(n: int, s: jax.Array) -> jax.Array:
+    """[n, n]: down-scaling to ceil(n·s) samples (triangle kernel widened to 1/s, antialiased) and linear
+    up-scaling back to n, as one matrix for a traced factor s in (0, 1]."""
+    j = jnp.arange(n, dtype=jnp.float32)  # low-resolution samples; those ≥ ceil(n·s) get no weight
+    centres = (j + 0.5) / s - 0.5
+    down = jnp.maximum(0.0, 1.0 - jnp.abs(centres[:, None] - j[None, :]) * s)
+    down = down / jnp.maximum(down.sum(axis=1, keepdims=True), 1e-12)
+    coarse = jnp.clip((j + 0.5) * s - 0.5, 0.0, jnp.ceil(n * s) - 1.0)  # each pixel on the low-resolution grid
+    up = jnp.maximum(0.0, 1.0 - jnp.abs(coarse[:, None] - j[None, :]))
+    return up @ down
+
+
+def _jpeg(x: jax.Array, quality: jax.Array) -> jax.Array:
+    """JPEG re-encoding of x [H, W, C] in [0, 1] at a traced quality (1-100): 8×8 DCT, the libjpeg-scaled
+    luminance table, rounding, back (each channel alike; the slices are grey). Sides are padded to 8."""
+    h, w, c = x.shape
+    ph, pw = -h % 8, -w % 8
+    y = jnp.pad(x * 255.0, ((0, ph), (0, pw), (0, 0)), mode="edge") - 128.0
+    blocks = y.reshape((h + ph) // 8, 8, (w + pw) // 8, 8, c)
+    scale = jnp.where(quality < 50, 5000.0 / quality, 200.0 - 2.0 * quality)
+    table = jnp.clip(jnp.floor((_JPEG_LUMA * scale + 50.0) / 100.0), 1.0, 255.0)[None, :, None, :, None]
+    dct = jnp.asarray(_dct8())
+    hi = jax.lax.Precision.HIGHEST
+    coef = jnp.einsum("uk,akblc,vl->aubvc", dct, blocks, dct, precision=hi)
+    coef = jnp.round(coef / table) * table
+    back = jnp.einsum("uk,aubvc,vl->akblc", dct, coef, dct, precision=hi).reshape(h + ph, w + pw, c)
+    return jnp.round(jnp.clip(back[:h, :w] + 128.0, 0.0, 255.0)) / 255.0
+
+
+def _processing_one(key: jax.Array, x: jax.Array, aug: PixelAugment) -> jax.Array:
+    """The processing changes of one image x [H, W, C] in [0, 1], each with its own probability."""
+    k = jax.random.split(key, 12)
+
+    def maybe(i: int, p: float, changed: jax.Array, current: jax.Array) -> jax.Array:
+        return jnp.where(jax.random.bernoulli(k[i], p), changed, current) if p > 0 else current
+
+    if aug.curve_free_p > 0:  # not necessarily monotone: the tissue contrasts of another sequence
+        xs = jnp.linspace(0.0, 1.0, aug.curve_free_knots + 2)
+        ys = jnp.concatenate([jnp.zeros(1), jax.random.uniform(k[1], (aug.curve_free_knots + 1,), minval=0.05)])
+        strength = jax.random.uniform(k[2], (), minval=0.3, maxval=1.0)  # blended with the identity
+        x = maybe(0, aug.curve_free_p, jnp.interp(x, xs, (1 - strength) * xs + strength * ys), x)
+    if aug.denoise_p > 0:
+        x = maybe(3, aug.denoise_p, _median3(x), x)
+    if aug.gauss_blur_p > 0 or aug.sharpen_p > 0:
+        blurred = _gaussian_blur(x, jax.random.uniform(k[4], (), minval=aug.blur_sigma[0], maxval=aug.blur_sigma[1]))
+        x = maybe(5, aug.gauss_blur_p, blurred, x)
+        amount = jax.random.uniform(k[6], (), minval=aug.sharpen_amount[0], maxval=aug.sharpen_amount[1])
+        x = maybe(7, aug.sharpen_p, jnp.clip(x + amount * (x - _gaussian_blur(x, jnp.float32(1.0))), 0.0, 1.0), x)
+    if aug.resample_p > 0:
+        s = jax.random.uniform(k[8], (), minval=aug.resample_scale[0], maxval=aug.resample_scale[1])
+        x = maybe(9, aug.resample_p, jnp.clip(_separable(_resample_matrix(x.shape[0], s), x), 0.0, 1.0), x)
+    if aug.jpeg_p > 0:
+        quality = jax.random.uniform(k[10], (), minval=aug.jpeg_quality[0], maxval=aug.jpeg_quality[1])
+        x = maybe(11, aug.jpeg_p, _jpeg(x, jnp.round(quality)), x)
+    return x
+
+
+# Every change on, aimed at differences of source and processing (the long CPU run's recipe, shared-long-128):
+# geometry (crops through scale > 1 and shift, scale, rotation, flips) and intensity as PixelAugment's defaults,
+# plus each processing change on about one image in five (JPEG one in three: exports are often JPEG).
+SOURCE_AUGMENT = PixelAugment(curve_free_p=0.15, denoise_p=0.15, gauss_blur_p=0.2, sharpen_p=0.2, resample_p=0.25,
+                              jpeg_p=0.3)
+# TrainConfig.augment_profile -> the augmentation a pixel-augmented recipe trains with (its flips set by the recipe).
+PIXEL_AUGMENTS: dict[str, PixelAugment] = {"basic": PixelAugment(), "source": SOURCE_AUGMENT}
 
 
 def augment_pixels(key: jax.Array, images: jax.Array, aug: PixelAugment) -> jax.Array:

@@ -157,10 +157,18 @@ def _loss(params: nnx.State, state: SegState, skips: dict[str, jax.Array], masks
     return mask_loss(nnx.merge(state.graphdef, params)(skips), target, cfg.dice_weight)
 
 
-def mask_loss(logits: jax.Array, target: jax.Array, dice_weight: float = 1.0) -> jax.Array:
-    """The decoder's loss: pixel-wise binary cross-entropy plus `dice_weight` × (1 − soft Dice per image)."""
-    bce = optax.sigmoid_binary_cross_entropy(logits, target).mean()
-    return bce + dice_weight * (1.0 - soft_dice(jax.nn.sigmoid(logits), target)).mean()
+def mask_loss(logits: jax.Array, target: jax.Array, dice_weight: float = 1.0, known: jax.Array | None = None
+              ) -> jax.Array:
+    """The decoder's loss: pixel-wise binary cross-entropy plus `dice_weight` × (1 − soft Dice per image).
+
+    `known` (bool [B]): only those rows count, averaged over them (a slice without a mask contributes nothing; a
+    batch without any, 0); an empty mask that is known (a no-tumour slice) counts, as an empty target."""
+    if known is None:
+        bce = optax.sigmoid_binary_cross_entropy(logits, target).mean()
+        return bce + dice_weight * (1.0 - soft_dice(jax.nn.sigmoid(logits), target)).mean()
+    per_row = optax.sigmoid_binary_cross_entropy(logits, target).mean(axis=(1, 2)) + dice_weight * (
+        1.0 - soft_dice(jax.nn.sigmoid(logits), target))
+    return jnp.where(known, per_row, 0.0).sum() / jnp.maximum(known.sum(), 1)
 
 
 @cpu_jit
