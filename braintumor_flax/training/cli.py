@@ -22,7 +22,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="dataset folder as published (BRISC 2025, Kaggle, or a folder holding both); "
                         "default $BRAINTUMOR_FLAX_DATA or ../shared/data")
     p.add_argument("--recipe", default="faithful", choices=sorted(RECIPES), help="named training config")
-    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT_DIR, help="checkpoint folder to write")
+    p.add_argument("--out", type=Path, default=None,
+                   help="checkpoint folder to write (default: the served checkpoint's folder; for a long-run recipe "
+                        "RUN_DIR/checkpoint)")
     p.add_argument("--run-dir", type=Path, default=None, help="resumable train state and logs (default runs/RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue from the train state in --run-dir")
     p.add_argument("--weights", type=Path, default=None, help="ImageNet VGG16 weights (.h5, .onnx, .npz, .safetensors)")
@@ -38,6 +40,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-head", type=Path, default=None, metavar="CHECKPOINT",
                    help="only the recipe's last stage: refit this checkpoint's tumour head over its frozen trunk "
                         "(--recipe: the checkpoint's recipe plus the refit, e.g. shared-frozen3-refit)")
+    p.add_argument("--save-every-min", type=float, default=10.0,
+                   help="long-run recipes: save the resumable state at least this often (minutes)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also upload the checkpoint to the Hub")
     return p
 
@@ -64,6 +68,13 @@ def train_main(argv: list[str] | None = None) -> int:
         pipeline.info.calibration = fit_calibration(pipeline, data)
         return _save(pipeline, args, t0)
     data = prepare(data_dir, image_size=config.image_size, **config.split_args()).training_from(config.train_datasets)
+    if config.long_run:  # resumable at any step; saves its own checkpoint after the usual finalisation
+        from braintumor_flax.training.long_loop import train_and_save
+
+        args.out = args.out or run_dir / "checkpoint"
+        pipeline = train_and_save(config, data, data_dir, run_dir, args.out, weights_source=args.weights,
+                                  save_every_s=60 * args.save_every_min)
+        return _push(pipeline, args)
     pipeline = train_pipeline(config, data_dir, run_dir, resume=args.resume, weights_source=args.weights,
                               view_from=args.view_from, data=data)
     finalize_pipeline(pipeline, data)
@@ -71,8 +82,13 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _save(pipeline: BrainTumorPipeline, args: argparse.Namespace, t0: float) -> int:
+    args.out = args.out or DEFAULT_CHECKPOINT_DIR
     pipeline.save_pretrained(args.out)
     print(f"saved checkpoint to {args.out} after {time.perf_counter() - t0:.0f} s")
+    return _push(pipeline, args)
+
+
+def _push(pipeline: BrainTumorPipeline, args: argparse.Namespace) -> int:
     if args.push_to_hub:
         url = pipeline.push_to_hub(args.push_to_hub)
         print(f"pushed to {url}")

@@ -37,6 +37,15 @@ class TrainConfig:
     # heads trained together (models/shared_trunk.py).
     model: Literal["two_stage", "shared_trunk"] = "two_stage"
     pixel_augment: bool = False  # source-robustness augmentation on pixels (training/augment.PixelAugment)
+    # Which one (augment.PIXEL_AUGMENTS): "basic" (the GPU recipes'), or "source", which adds the processing
+    # changes between sources (denoising, blur, sharpening, resampling, JPEG, non-monotone intensity curves).
+    augment_profile: str = "basic"
+    # The long CPU run's trainer (training/long_run.py): resumable at any step from a state saved every few
+    # minutes, the tumour-mask decoder trained in the same run, and a weight EMA.
+    long_run: bool = False
+    ema_decay: float = 0.0  # > 0: an exponential moving average of the weights is what is validated and saved
+    seg_weight: float = 0.0  # long_run: weight of the decoder's mask loss (BRISC masks) beside the heads' losses
+    decoder_learning_rate: float = 0.0  # long_run: the decoder's peak rate (it starts from scratch); 0 = the trunk's
     # Frozen, cached lower blocks: also cache the lower-block features of this many style-randomised copies of
     # each training image (training/augment.StyleRandomize: random intensity curves); each step draws the clean
     # features or one copy's per example. The cached recipes' stand-in for pixel_augment's intensity changes.
@@ -174,6 +183,26 @@ RECIPES: dict[str, TrainConfig] = {
     # Seconds-long smoke test on a handful of images.
     "tiny": TrainConfig(recipe="tiny", image_size=32, epochs=2, batch_size=4, eval_batch_size=8, max_images=24),
 }
+
+# The long CPU run (issue 37; training/long_run.py, docs/long_run.md): shared-finetune-128 (every block on pixels,
+# AdamW with warm-up + cosine, label smoothing 0.1, best validation epoch kept) at batch 32, with the processing
+# augmentation ("source"), the tumour-mask decoder trained through the trunk in the same run (BRISC masks), and a
+# weight EMA, which is what is validated and saved. Resumable at any step: `python -m
+# braintumor_flax.training.background start` runs it at low priority.
+# Sizing (benchmarks/pilot_long_run.py, results/long_run_pilot.json, 7 Dec 2026, 2-core AMD EPYC AVX-512): a step
+# of 32 costs 8.13 s with every block trained (254 ms an image) when nothing else runs, 6.64 s with blocks 1-2
+# frozen (208 ms: only 18 % less, so every block trains), and up to 15.3 s beside another job on the 2 cores.
+# An epoch is 221 steps = 1,800 s + ~150 s of validation (1,771 images forward) = ~1,950 s alone, ~2,850 s at
+# 1.45× (half the time shared). 4 stretches of 3 h = 43,200 s, less ~3,000 s (4 restarts × (≤ 600 s of lost
+# work + ~40 s to start) and ~500 s of finalisation): 40,000 s / 2,850 s = 14 epochs: ~7.6 h alone, ~11 h at
+# 1.45×, ~14 h (a fifth stretch) only if the cores were shared all the time.
+RECIPES["shared-long-128"] = dataclasses.replace(
+    RECIPES["shared-finetune-128"], recipe="shared-long-128", long_run=True, batch_size=32, epochs=14,
+    warmup_epochs=0.5, augment_profile="source", ema_decay=0.999, seg_weight=1.0, decoder_learning_rate=1e-3)
+# The same recipe as a seconds-long smoke test (a narrowed random VGG on a few images).
+RECIPES["tiny-long"] = dataclasses.replace(
+    RECIPES["shared-long-128"], recipe="tiny-long", image_size=32, width_divisor=16, pretrained=False, epochs=2,
+    batch_size=4, eval_batch_size=8, warmup_epochs=0.5, ema_decay=0.9, learning_rate=1e-3)
 
 
 def get_recipe(name: str, **overrides: Any) -> TrainConfig:

@@ -59,7 +59,7 @@ from braintumor_flax.training.segmentation import (
     mask_loss,
     masks_for,
 )
-from braintumor_flax.training.steps import masked_loss, trainable_filter, warmup_cosine
+from braintumor_flax.training.steps import masked_loss, trainable_filter, two_rate_adamw, warmup_cosine
 from braintumor_flax.xla import cpu_jit
 
 SERVED_LOWER_BLOCKS = 3  # where the checkpoint's trunk splits (the decoder's frozen skips are blocks 1-3)
@@ -232,13 +232,7 @@ def _optimizer(config: JointConfig, steps_per_epoch: int) -> optax.GradientTrans
         return warmup_cosine(peak, warmup_epochs=config.warmup_epochs, epochs=config.epochs,
                              steps_per_epoch=steps_per_epoch)
 
-    def labels(params: nnx.State) -> Any:
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "decoder" if str(getattr(path[0], "key", path[0])) == "segmenter" else "trunk", params)
-
-    return optax.multi_transform(
-        {"trunk": optax.adamw(schedule(config.learning_rate), weight_decay=config.weight_decay),
-         "decoder": optax.adamw(schedule(config.decoder_learning_rate), weight_decay=config.weight_decay)}, labels)
+    return two_rate_adamw(schedule(config.learning_rate), schedule(config.decoder_learning_rate), config.weight_decay)
 
 
 def train_joint(pipeline: BrainTumorPipeline, data: PreparedData, masks_from: MaskSource,

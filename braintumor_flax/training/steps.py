@@ -19,7 +19,7 @@ from flax import nnx, struct
 from braintumor_flax.models import TumorClassifier, ViewClassifier
 from braintumor_flax.models.shared_trunk import SharedTrunkClassifier
 from braintumor_flax.models.vgg16 import VGG16_BLOCKS
-from braintumor_flax.training.augment import PixelAugment, augment_batch, augment_pixels
+from braintumor_flax.training.augment import PIXEL_AUGMENTS, PixelAugment, augment_batch, augment_pixels
 from braintumor_flax.training.config import TrainConfig
 from braintumor_flax.xla import cpu_jit
 
@@ -79,10 +79,25 @@ class StepSettings:
     def of(cls, config: TrainConfig, *, from_lower: bool, from_pooled: bool = False) -> StepSettings:
         if from_pooled:
             return cls(False, label_smoothing=config.label_smoothing, from_pooled=True)
-        pixel = PixelAugment(hflip=config.hflip, vflip=config.vflip) if config.pixel_augment and not from_lower \
-            else None
+        pixel = pixel_augment_of(config) if config.pixel_augment and not from_lower else None
         return cls(from_lower, config.hflip, config.vflip, config.zoom, config.label_smoothing, pixel,
                    config.model == "shared_trunk")
+
+
+def pixel_augment_of(config: TrainConfig) -> PixelAugment:
+    """The pixel augmentation a recipe trains with: its profile, with the recipe's flips."""
+    return dataclasses.replace(PIXEL_AUGMENTS[config.augment_profile], hflip=config.hflip, vflip=config.vflip)
+
+
+def two_rate_adamw(trunk: optax.Schedule, decoder: optax.Schedule, weight_decay: float
+                   ) -> optax.GradientTransformation:
+    """AdamW with its own rate for the segmentation decoder (parameters under a top-level "segmenter")."""
+    def labels(params: nnx.State) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "decoder" if str(getattr(path[0], "key", path[0])) == "segmenter" else "trunk", params)
+
+    return optax.multi_transform({"trunk": optax.adamw(trunk, weight_decay=weight_decay),
+                                  "decoder": optax.adamw(decoder, weight_decay=weight_decay)}, labels)
 
 
 @struct.dataclass
