@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from braintumor_flax.data import dedup
 from braintumor_flax.data.datasets import Record, Split, _stratified_val, discover, discover_detailed, prepare
@@ -92,6 +92,14 @@ def fake_root(tmp_path_factory) -> dict:
     data = next((ktr / "pituitary").glob("*.jpg")).read_bytes()
     (ktr / "pituitary" / "Tr-trunc.jpg").write_bytes(data[: len(data) // 3])
     planted["broken"] = ["kaggle-copy/Training/notumor/Tr-bad.jpg", "kaggle-copy/Training/pituitary/Tr-trunc.jpg"]
+    # g. a left-right mirrored copy of a Kaggle test image, and a blurred, darker one, in training
+    test_pit = next((kte / "pituitary").glob("*.jpg"))
+    Image.open(test_pit).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(
+        ktr / "pituitary" / "Tr-mirror.jpg", quality=90)
+    planted["leak_mirrored"] = "kaggle-copy/Training/pituitary/Tr-mirror.jpg"
+    blurred = Image.open(next((kte / "notumor").glob("*.jpg"))).convert("L").filter(ImageFilter.GaussianBlur(1.5))
+    blurred.point(lambda v: int(v * 0.8)).save(ktr / "notumor" / "Tr-blurred.jpg", quality=85)
+    planted["leak_blurred"] = "kaggle-copy/Training/notumor/Tr-blurred.jpg"
     (kag / "README.txt").write_text("not an image")
     return {"root": root, "planted": planted}
 
@@ -158,7 +166,12 @@ def test_prepare_removes_planted_defects(prepared, fake_root):
     assert (removed[second]["reason"], removed[second]["kind"], removed[second]["match"]) == (
         "within_split", "exact", first)
     leak = removed[planted["leak_near"]]
-    assert (leak["reason"], leak["kind"], leak["cross_dataset"]) == ("train_test_leak", "near", False)
+    assert (leak["reason"], leak["kind"], leak["cross_dataset"]) == ("train_test_leak", "re-encoded", False)
+    assert leak["match"].startswith("kaggle-copy/Testing/meningioma/")
+    mirrored, blurred = removed[planted["leak_mirrored"]], removed[planted["leak_blurred"]]
+    assert (mirrored["reason"], mirrored["kind"]) == ("train_test_leak", "mirrored")
+    assert mirrored["match"].startswith("kaggle-copy/Testing/pituitary/")
+    assert blurred["reason"] == "train_test_leak" and blurred["match"].startswith("kaggle-copy/Testing/notumor/")
     assert leak["match"].startswith("kaggle-copy/Testing/meningioma/")
     cross = removed[planted["leak_exact_cross"]]
     assert (cross["reason"], cross["kind"], cross["cross_dataset"]) == ("train_test_leak", "exact", True)
@@ -166,7 +179,7 @@ def test_prepare_removes_planted_defects(prepared, fake_root):
     assert all(removed[p]["reason"] == "conflicting_labels" for p in planted["conflict"])
     assert sorted(s["path"] for s in rep["skipped"]) == planted["broken"]
     assert all(s["reason"] for s in rep["skipped"])
-    assert len(removed) == 5, removed  # nothing else in the sample is a duplicate
+    assert len(removed) == 7, removed  # nothing else in the sample is a duplicate
 
 
 def test_prepare_split_contents(prepared, fake_root):
@@ -218,7 +231,7 @@ def test_prepare_report_is_json_and_formats(prepared):
     from braintumor_flax.data.datasets import format_report
     json.dumps(prepared.report)
     text = format_report(prepared.report)
-    assert "conflicting-label groups (all copies dropped): 1" in text and "Tr-bad.jpg" in text
+    assert "conflicting-label groups (all members dropped): 1" in text and "Tr-bad.jpg" in text
 
 
 def test_dataset_hash_stable_and_sensitive(fake_root, tmp_cache):
@@ -294,12 +307,18 @@ def _item(path, role="train", phash=0, px=None, tumor="glioma", plane=None, data
     return dedup.Item(path, dataset, role, tumor, plane, px or path, phash)
 
 
-def test_plan_greedy_does_not_chain():
-    # a~b and b~c are near duplicates but a and c are not: keep a and c, drop b.
-    items = [_item("a", phash=0b0000), _item("b", phash=0b0011), _item("c", phash=0b1111)]
+def test_plan_follows_chains_into_groups():
+    # a~b and b~c are copies but a and c are not compared alike: one picture, one kept copy per split.
+    items = [_item("a", phash=0b0000), _item("b", phash=0b0011), _item("c", phash=0b1111),
+             _item("t", role="test_kaggle", phash=0b1111 << 20 | 0b1111), _item("u", phash=0b1111 << 20 | 0b1100)]
     res = dedup.plan(items, threshold=2)
-    assert res.keep.tolist() == [True, False, True]
-    assert res.removed[0]["match"] == "a" and res.removed[0]["kind"] == "near"
+    assert res.keep.tolist() == [True, False, False, True, False]
+    assert res.group.tolist() == [0, 0, 0, 3, 3]
+    by_path = {r["path"]: r for r in res.removed}
+    assert (by_path["b"]["match"], by_path["b"]["kind"]) == ("a", "re-encoded")
+    assert (by_path["c"]["match"], by_path["c"]["kind"]) == ("a", "chained")
+    assert (by_path["u"]["reason"], by_path["u"]["match"]) == ("train_test_leak", "t")
+    assert res.stats["groups"]["with_copies"] == 2
 
 
 def test_plan_never_removes_test_and_prefers_plane_labels():
@@ -316,7 +335,7 @@ def test_plan_never_removes_test_and_prefers_plane_labels():
 
 def test_plan_conflicting_tumour_labels_dropped_everywhere():
     items = [_item("a", px="z", tumor="glioma"), _item("b", role="test_kaggle", px="z", tumor="pituitary"),
-             _item("c", phash=2**50)]
+             _item("c", phash=2**63 - 1)]
     res = dedup.plan(items)
     assert res.keep.tolist() == [False, False, True] and len(res.conflicts) == 1
 

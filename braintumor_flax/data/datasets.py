@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor_flax.data import dedup
+from braintumor_flax.data import dedup, twins
 from braintumor_flax.data.grouping import (
     GROUPING_SIZE,
     Features,
@@ -30,7 +30,7 @@ from braintumor_flax.data.grouping import (
 from braintumor_flax.data.imagecache import CACHE_VERSION, ImageCache
 from braintumor_flax.data.splits import DEFAULT_SEED, DEFAULT_VAL_FRACTION, PreparedData, Record, Split
 from braintumor_flax.labels import PLANES, TUMOR_CLASSES, normalize_plane, normalize_tumor
-from braintumor_flax.paths import default_data_dir
+from braintumor_flax.paths import cache_dir, default_data_dir
 
 __all__ = ["DEFAULT_SEED", "DEFAULT_VAL_FRACTION", "PreparedData", "Record", "Split", "discover", "prepare"]
 
@@ -38,7 +38,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", 
 _SPLIT_DIRS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 # brisc2025_<split>_<index>_<tumor>_<plane>_<sequence>
 _BRISC_NAME = re.compile(r"^brisc2025_(train|test)_(\d+)_([a-z]+)_([a-z]+)_([a-z0-9]+)$", re.IGNORECASE)
-PIPELINE_VERSION = 1  # part of dataset_hash: bump when split/dedup rules change
+PIPELINE_VERSION = 2  # part of dataset_hash: bump when split/dedup rules change (2: twin groups)
+TWIN_SIZE = 128  # the twin finder reads 128 px copies, whatever size a recipe trains at
 
 
 def _images_under(d: Path) -> list[Path]:
@@ -178,7 +179,15 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
     items = [dedup.Item(rel[i], records[i].dataset, _role(records[i]), records[i].tumor, records[i].plane,
                         entries[i].pixel_hash, entries[i].phash) for i in ok]
     t1 = time.perf_counter()
-    plan = dedup.plan(items)
+    twin_store = store if image_size == TWIN_SIZE else ImageCache(
+        TWIN_SIZE, root=None if cache else Path(tmp.name) / f"s{TWIN_SIZE}")
+
+    def twin_images() -> np.ndarray:
+        return twin_store.load(twin_store.lookup([records[i].path for i in ok], workers=workers)[0])
+
+    links = twins.collection_twins(twin_images, [entries[i].sha1 for i in ok],
+                                   cache=cache_dir("twins") if cache else None)
+    plan = dedup.plan(items, links)
     t_dedup = time.perf_counter() - t1
     kept = [ok[k] for k in np.flatnonzero(plan.keep)]
 
@@ -223,7 +232,7 @@ def prepare(data_dir: str | Path | None = None, *, image_size: int = 128, val_fr
     if not cache:
         tmp.cleanup()
 
-    report = _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, cache_stats,
+    report = _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, items, cache_stats,
                            image_size=image_size, val_fraction=val_fraction, seed=seed, val_grouping=val_grouping)
     if grouping is not None:
         report["val_grouping"] = grouping
@@ -245,6 +254,12 @@ def _dataset_hash(splits: dict[str, Split], image_size: int, val_fraction: float
     return h.hexdigest()
 
 
+def twin_group_ids(report: dict) -> dict[str, int]:
+    """Path → twin group number for every file with a copy (a data report's `twin_groups`); a file missing
+    from it has no copy."""
+    return {path: k for k, paths in enumerate(report.get("twin_groups", [])) for path in paths}
+
+
 def _progress_printer():
     last = [0.0]
 
@@ -261,7 +276,12 @@ def _progress_printer():
 # report
 
 
-def _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, cache_stats, **params) -> dict:
+def _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, items, cache_stats, **params) -> dict:
+    rows_of: dict[int, list[int]] = defaultdict(list)
+    for k, g in enumerate(plan.group.tolist()):
+        rows_of[g].append(k)
+    # Every picture that has copies, as its files (kept or not): what evaluation needs to count a slice once.
+    twin_groups = sorted(sorted(items[k].path for k in rows) for rows in rows_of.values() if len(rows) > 1)
     counts: dict[str, dict] = {}
     for name, s in splits.items():
         table: dict[str, dict[str, int]] = {}
@@ -286,6 +306,7 @@ def _build_report(data_dir, records, rel, splits, skipped, label_issues, plan, c
         "dedup": plan.stats,
         "conflicts": plan.conflicts,
         "removed": plan.removed,
+        "twin_groups": twin_groups,
         "cache": cache_stats,
     }
 
@@ -309,14 +330,21 @@ def format_report(report: dict) -> str:
         ds = ", ".join(f"{d}={n}" for d, n in c["by_dataset"].items())
         lines.append(f"  {name:<16}{c['total']:>7}{per_t}   {per_p}   ({ds})")
     d = report["dedup"]
-    lines += ["", f"duplicates (near = pHash distance <= {d['near_dup_threshold_bits']} of 64 bits):"]
+    g = d["groups"]
+    lines += ["", f"duplicates: {g['pictures']} distinct pictures, {g['with_copies']} of them with copies "
+                  f"(largest group {g['largest']} files; docs/duplicates.md)"]
     for ds, st in d["per_dataset"].items():
-        lines.append(f"  {ds:<10} files={st['files']} distinct={st['distinct_images']} "
-                     f"exact-dup files={st['exact_duplicate_files']} groups={st['exact_duplicate_groups']} "
-                     f"groups spanning train/test={st['exact_groups_spanning_train_test']}")
-    lines.append(f"  exact groups spanning datasets: {d['exact_groups_spanning_datasets']}; near pairs: "
-                 f"{d['near_pairs_within_threshold']} ({d['near_pairs_with_different_tumour_label']} with "
-                 "different tumour labels)")
+        lines.append(f"  {ds:<10} files={st['files']} distinct pictures={st['distinct_pictures']} "
+                     f"distinct pixels={st['distinct_pixels']}")
+    lines.append(f"  {'links by kind':<16}{'pairs':>8}{'cross-dataset':>15}{'train-test':>12}")
+    for kind, c in d["links_by_kind"].items():
+        lines.append(f"  {kind:<16}{c.get('pairs', 0):>8}{c.get('cross_dataset', 0):>15}{c.get('train_test', 0):>12}")
+    for sets, count in d["kept_test_groups_shared"].items():
+        lines.append(f"  kept test pictures in both {sets.replace('&', ' and ')}: {count}")
+    if "twin_finder" in d:
+        t = d["twin_finder"]
+        lines.append(f"  twin finder: {t['candidates_scored']} candidate pairs scored, {t['twin_pairs']} twins at "
+                     f"aligned rank correlation >= {t['threshold']}, {t['seconds']} s")
     lines.append("  removed:")
     for k, v in d["removed_by_reason"].items():
         lines.append(f"    {k:<44}{v:>6}")
@@ -325,7 +353,7 @@ def format_report(report: dict) -> str:
         g = report["val_grouping"]
         lines += ["", f"validation by groups ({g['spec']}): {g['groups']} groups, the largest {g['largest_group']} "
                       f"images, {g['single_images']} alone; {g['val_images']} images in validation"]
-    lines += ["", f"conflicting-label groups (all copies dropped): {len(report['conflicts'])}"]
+    lines += ["", f"conflicting-label groups (all members dropped): {len(report['conflicts'])}"]
     for c in report["conflicts"]:
         lines.append("  " + " = ".join(f"{p} [{t}/{pl}]" for p, t, pl in
                                        zip(c["paths"], c["tumor"], c["plane"], strict=True)))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from braintumor_flax.data.dedup import near_pairs
+from braintumor_flax.data.dedup import linked_groups, near_pairs
 
 GROUPING_SIZE = 128  # the input size of the ImageNet features, whatever size a recipe trains at
 KINDS = ("imagenet", "phash")
@@ -40,24 +40,6 @@ def parse_grouping(spec: str) -> tuple[str, float] | None:
         raise ValueError(f"validation grouping {spec!r}: expected '' or one of "
                          + ", ".join(f"'{k}:<threshold>'" for k in KINDS))
     return kind, threshold
-
-
-def linked_groups(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """int64 [n] group ids: rows are in one group when a chain of (first[k], second[k]) links joins them
-    (union-find; an id is the group's smallest row)."""
-    parent = np.arange(n)
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(np.asarray(first).tolist(), np.asarray(second).tolist(), strict=True):
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([root(a) for a in range(n)], np.int64)
 
 
 def cosine_pairs(features: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
