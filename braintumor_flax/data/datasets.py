@@ -344,7 +344,7 @@ def format_report(report: dict) -> str:
     if "twin_finder" in d:
         t = d["twin_finder"]
         lines.append(f"  twin finder: {t['candidates_scored']} candidate pairs scored, {t['twin_pairs']} twins at "
-                     f"aligned rank correlation >= {t['threshold']}, {t['seconds']} s")
+                     f"aligned structure correlation >= {t['threshold']}, {t['seconds']} s")
     lines.append("  removed:")
     for k, v in d["removed_by_reason"].items():
         lines.append(f"    {k:<44}{v:>6}")

@@ -8,10 +8,11 @@ Two steps, so the cost stays near-linear in the number of images:
    smoothed and a sharp copy look alike) and standardised (so brightness and contrast drop out). Its 16 × 16
    average is the index descriptor. A faiss HNSW index of every image's descriptor is queried with all eight
    mirror / rotation variants of every image (the dihedral group: a left-right mirrored copy is variant 4).
-2. **Confirmation by an aligned pixel measure.** For each candidate pair, the correlation of the two normalised
-   views, the second in the variant that matched, at the best of the small shifts within ±SHIFT pixels. Twins
-   are the pairs at or above TWIN_THRESHOLD; the threshold sits in the gap between the same picture and the
-   neighbouring slice of the same scan (docs/duplicates.md shows the measured distribution and example pairs).
+2. **Confirmation by an aligned pixel measure.** For each candidate pair, the correlation of the two views'
+   local structure (`structure_view`: locally contrast-normalised, so that BRISC's re-processing of a Kaggle
+   slice drops out), the second in the variant that matched, at the best of the small shifts within ±SHIFT
+   pixels. Twins are the pairs at or above TWIN_THRESHOLD, placed where neighbouring slices of one scan stop
+   appearing (docs/duplicates.md shows the measured distribution and example pairs on both sides).
 
 Twins then form groups (connected components); `dedup.plan` decides what each group may keep.
 """
@@ -28,16 +29,18 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage, stats
+from scipy import ndimage
 
 VIEW_SIZE = 64
 DESCRIPTOR_SIZE = 16
 SHIFT = 2  # pixels of VIEW_SIZE: what the bounding-box normalisation leaves of a crop or a one-sided pad
-TWINS_VERSION = 1  # bump when a view, the measure or the candidates change: the cache key
-TWIN_THRESHOLD = 0.95  # aligned rank correlation; chosen from the measured gap (docs/duplicates.md)
+TWINS_VERSION = 2  # bump when a view, the measure or the candidates change: the cache key
+TWIN_THRESHOLD = 0.93  # aligned structure correlation; chosen from the measured distribution (docs/duplicates.md)
+LOCAL_SIGMA = 3.0  # pixels of VIEW_SIZE: the scale below which structure counts
+LOCAL_FLOOR = 0.3  # added to the local deviation, so flat background does not amplify noise
 CANDIDATE_NEIGHBOURS = 8  # per query variant
 CANDIDATE_MIN_SIMILARITY = 0.85  # cosine of descriptors below which a pair is not even scored
-PREFILTER_MARGIN = 0.15  # unshifted correlation this far below the threshold: no shift search
+PREFILTER_MARGIN = 0.25  # unshifted correlation this far below the threshold: no shift search
 # Variant k of the dihedral group: k % 4 quarter turns, then a left-right mirror when k >= 4.
 VARIANT_NAMES = ("identity", "rot90", "rot180", "rot270", "mirror", "mirror+rot90", "mirror+rot180",
                  "mirror+rot270")
@@ -89,14 +92,17 @@ def descriptors(views: np.ndarray) -> np.ndarray:
     return (flat / np.linalg.norm(flat, axis=-1, keepdims=True).clip(1e-6)).astype(np.float32)
 
 
-def rank_view(views: np.ndarray) -> np.ndarray:
-    """float32 [..., VIEW_SIZE, VIEW_SIZE]: each view's pixels replaced by their standardised ranks (ties
-    averaged), so that any monotone change of grey levels (gamma, windowing, contrast) leaves it unchanged."""
-    flat = views.reshape(-1, VIEW_SIZE * VIEW_SIZE)
-    ranks = stats.rankdata(flat, axis=1).astype(np.float32)
-    ranks -= ranks.mean(axis=1, keepdims=True)
-    ranks /= ranks.std(axis=1, keepdims=True).clip(1e-6)
-    return ranks.reshape(views.shape)
+def structure_view(views: np.ndarray) -> np.ndarray:
+    """float32 [..., VIEW_SIZE, VIEW_SIZE]: each view locally contrast-normalised (minus its local mean, over its
+    local standard deviation, both Gaussian-weighted over LOCAL_SIGMA pixels), then standardised. What is left is
+    the anatomy's structure: another dataset's processing (bias-field correction, local contrast enhancement,
+    windowing, gamma) changes intensities slowly across the image and drops out, a neighbouring slice does not."""
+    sigma = (0,) * (views.ndim - 2) + (LOCAL_SIGMA, LOCAL_SIGMA)
+    local = views - ndimage.gaussian_filter(views, sigma)
+    local /= np.sqrt(ndimage.gaussian_filter(local * local, sigma)) + LOCAL_FLOOR
+    local -= local.mean(axis=(-2, -1), keepdims=True)
+    local /= local.std(axis=(-2, -1), keepdims=True).clip(1e-6)
+    return local.astype(np.float32)
 
 
 def candidate_pairs(views: np.ndarray, *, neighbours: int = CANDIDATE_NEIGHBOURS,
@@ -151,7 +157,7 @@ def aligned_correlation(a: np.ndarray, b: np.ndarray, shift: int = SHIFT) -> np.
 @dataclass(frozen=True)
 class TwinPairs:
     """Scored candidate pairs, one row per unordered pair: first < second (rows of the images given), the
-    variant of `first` that matches `second` as it is, and the aligned rank correlation; `twin` marks the
+    variant of `first` that matches `second` as it is, and the aligned structure correlation; `twin` marks the
     pairs at or above `threshold`."""
 
     first: np.ndarray
@@ -169,20 +175,21 @@ class TwinPairs:
         return TwinPairs(self.first[keep], self.second[keep], self.variant[keep], self.score[keep], self.threshold)
 
 
-def score_pairs(ranked: np.ndarray, first: np.ndarray, second: np.ndarray, variant: np.ndarray, *,
+def score_pairs(structure: np.ndarray, first: np.ndarray, second: np.ndarray, variant: np.ndarray, *,
                 shift: int = SHIFT, chunk: int = 4096) -> np.ndarray:
-    """Aligned correlation of rank views `ranked[first]` in `variant` and `ranked[second]`, batched per variant."""
+    """Aligned correlation of structure views `structure[first]` in `variant` and `structure[second]`, batched
+    per variant."""
     score = np.empty(len(first), np.float32)
     for v in range(8):
         rows = np.flatnonzero(variant == v)
         for start in range(0, len(rows), chunk):
             sel = rows[start:start + chunk]
-            score[sel] = aligned_correlation(dihedral(ranked[first[sel]], v), ranked[second[sel]], shift)
+            score[sel] = aligned_correlation(dihedral(structure[first[sel]], v), structure[second[sel]], shift)
     return score
 
 
 def find_twins(views: np.ndarray, threshold: float = TWIN_THRESHOLD) -> TwinPairs:
-    """Every candidate pair of the index scored by the aligned rank correlation, the best variant per pair.
+    """Every candidate pair of the index scored by the aligned structure correlation, the best variant per pair.
 
     Pairs whose unshifted correlation is below threshold - PREFILTER_MARGIN are not searched over shifts (none
     of those became twins on the BRISC + Kaggle collection; the shift search is 25 times the cost)."""
@@ -192,10 +199,10 @@ def find_twins(views: np.ndarray, threshold: float = TWIN_THRESHOLD) -> TwinPair
     variant = np.where(forward, variant, np.array(_INVERSE)[variant])
     rows = np.unique(np.stack([np.minimum(query, match), np.maximum(query, match), variant], axis=1), axis=0)
     first, second, variant = rows[:, 0], rows[:, 1], rows[:, 2]
-    ranked = rank_view(views)
-    score = score_pairs(ranked, first, second, variant, shift=0)
+    structure = structure_view(views)
+    score = score_pairs(structure, first, second, variant, shift=0)
     near = np.flatnonzero(score >= threshold - PREFILTER_MARGIN)
-    score[near] = score_pairs(ranked, first[near], second[near], variant[near])
+    score[near] = score_pairs(structure, first[near], second[near], variant[near])
     order = np.lexsort((-score, second, first))
     first, second, variant, score = first[order], second[order], variant[order], score[order]
     keep = np.ones(len(first), bool)
@@ -271,8 +278,8 @@ def collection_twins(images: Callable[[], np.ndarray], content_hashes: Sequence[
 
 
 def pair_score(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
-    """(score, variant) of two uint8 images: the aligned rank correlation of `b` with the best of the eight
+    """(score, variant) of two uint8 images: the aligned structure correlation of `b` with the best of the eight
     variants of `a`; the images are twins when the score is at least TWIN_THRESHOLD."""
-    ranked = rank_view(np.stack([normalised_view(a), normalised_view(b)]))
-    scores = score_pairs(ranked, np.zeros(8, np.int64), np.ones(8, np.int64), np.arange(8))
+    structure = structure_view(np.stack([normalised_view(a), normalised_view(b)]))
+    scores = score_pairs(structure, np.zeros(8, np.int64), np.ones(8, np.int64), np.arange(8))
     return float(scores.max()), int(scores.argmax())
