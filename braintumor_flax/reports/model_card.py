@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from braintumor_flax.reports.tables import ablation_table, main_table, per_plane_table
+from braintumor_flax.reports.tables import ablation_table, main_table, per_plane_table, with_ci
 
 CARD_TEMPLATE = """---
 library_name: braintumor-flax
@@ -80,12 +80,24 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def render_model_card(config: dict[str, Any], metrics: dict[str, Any]) -> str:
+def clean_figures(run: dict[str, Any]) -> str:
+    """The honest paragraph: tumour accuracy on the test images with no twin in this model's training."""
+    t = run["tumor"]
+    b, k, u = (t[x]["clean"] if "clean" in t[x] else t[x] for x in ("brisc2025_test", "kaggle_test", "union_clean"))
+    return ("**Honest figures.** The table below counts test images whose mirrored or re-encoded copy was in this "
+            "model's training data. On the test images with no such twin, tumour accuracy is "
+            f"**{with_ci(b['accuracy'], b['accuracy_ci95'])} on BRISC 2025 test (n = {b['n']})** and "
+            f"**{with_ci(k['accuracy'], k['accuracy_ci95'])} on Kaggle Testing (n = {k['n']})**, "
+            f"{with_ci(u['accuracy'], u['accuracy_ci95'])} over their {u['n']} distinct pictures; meningioma recall "
+            f"{b['meningioma_recall']:.2f} / {k['meningioma_recall']:.2f}. See the project's docs/duplicates.md.")
+
+
+def render_model_card(config: dict[str, Any], metrics: dict[str, Any], clean: dict[str, Any] | None = None) -> str:
     training = config.get("training", {})
     return CARD_TEMPLATE.format(
         architecture=architecture(config),
         recipe=training.get("recipe", "unknown"),
         training_data=training.get("data_summary", "see config.json"),
         dataset_hash=training.get("dataset_hash", "unknown"),
-        metrics_table=metrics_table(metrics),
+        metrics_table=(clean_figures(clean) + "\n\n" if clean else "") + metrics_table(metrics),
     )

@@ -113,12 +113,23 @@ def ood_markdown(ood: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n" + source
 
 
-def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> str:
+def _clean_of(honest: dict[str, Any] | None, fingerprint: str | None) -> dict[str, Any] | None:
+    """The honest (twin-free) figures of the run with this checkpoint fingerprint, from results/honest.json."""
+    for run in (honest or {}).get("runs", {}).values():
+        if fingerprint and run.get("checkpoint_fingerprint") == fingerprint:
+            return run
+    return None
+
+
+def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]],
+                     honest: dict[str, Any] | None = None) -> str:
     """One row per evaluated checkpoint (its results metrics.json and, when present, its config.json): test
-    figures next to the validation figure that chose it and what training it cost."""
-    lines = ["| recipe | checkpoint | val tumour acc | BRISC tumour acc [95% CI] | BRISC meningioma recall | "
-             "Kaggle tumour acc [95% CI] | Kaggle meningioma recall | BRISC view acc | training |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    figures next to the validation figure that chose it and what training it cost. With `honest`
+    (results/honest.json) the first columns are the figures on the test images with no twin in its training."""
+    lines = ["| recipe | checkpoint | **clean BRISC acc** | **clean Kaggle acc** | val tumour acc | "
+             "BRISC tumour acc [95% CI] | BRISC meningioma recall | Kaggle tumour acc [95% CI] | "
+             "Kaggle meningioma recall | BRISC view acc | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for metrics, config in runs:
         meta, tumor, view = metrics.get("meta", {}), metrics.get("tumor", {}), metrics.get("view", {})
 
@@ -146,13 +157,57 @@ def recipes_markdown(runs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -
         grouping = training.get("val_grouping") or training.get("config", {}).get("val_grouping")
         if grouping:  # its validation figure is of another, harder split
             recipe += f", validation by groups `{grouping}`"
-        lines.append(f"| {recipe} | {where} | {val} | "
+        clean = (_clean_of(honest, meta.get("checkpoint_fingerprint")) or {}).get("tumor", {})
+
+        def clean_acc(name: str, clean: dict[str, Any] = clean) -> str:
+            m = clean.get(name, {}).get("clean")
+            return f"{m['accuracy']:.3f} (n = {m['n']})" if m and "accuracy" in m else "—"
+
+        lines.append(f"| {recipe} | {where} | {clean_acc('brisc2025_test')} | {clean_acc('kaggle_test')} | {val} | "
                      f"{acc(tumor.get('brisc2025_test'))} | {recall(tumor.get('brisc2025_test'))} | "
                      f"{acc(tumor.get('kaggle_test'))} | {recall(tumor.get('kaggle_test'))} | {view_acc} | {cost} |")
     lines += ["", "_Generated from each run's `metrics.json` (`python -m braintumor_flax.evaluation`) and its "
-              "checkpoint's `config.json` (validation accuracy of the kept epoch, training time and machine). "
-              "Do not edit this block by hand._"]
+              "checkpoint's `config.json` (validation accuracy of the kept epoch, training time and machine); the "
+              "clean columns from `results/honest.json` (`python -m braintumor_flax.evaluation.honest`): only test "
+              "images with no twin in that checkpoint's training or validation split. The other test columns count "
+              "images whose mirrored or re-encoded copy was trained on. Do not edit this block by hand._"]
     return "\n".join(lines)
+
+
+def honest_markdown(honest: dict[str, Any]) -> str:
+    """Old and honest figures of every checkpoint of the first split, from results/honest.json."""
+    def cell(m: dict[str, Any] | None, key: str = "accuracy") -> str:
+        return f"{m[key]:.3f}" if m and m.get(key) is not None else "—"
+
+    lines = ["| checkpoint (recipe) | BRISC acc: published → **clean** [95% CI] | BRISC meningioma recall | "
+             "Kaggle acc: published → **clean** [95% CI] | Kaggle meningioma recall | **union, each picture once** | "
+             "BRISC view acc → clean |",
+             "|---|---|---|---|---|---|---|"]
+    for name, run in honest["runs"].items():
+        t = run["tumor"]
+        b, k, u = t["brisc2025_test"], t["kaggle_test"], t["union_clean"]
+        view = run.get("view")
+        lines.append(
+            f"| {name} | {cell(b['all'])} → **{with_ci(b['clean']['accuracy'], b['clean']['accuracy_ci95'])}** | "
+            f"{cell(b['all'], 'meningioma_recall')} → {cell(b['clean'], 'meningioma_recall')} | "
+            f"{cell(k['all'])} → **{with_ci(k['clean']['accuracy'], k['clean']['accuracy_ci95'])}** | "
+            f"{cell(k['all'], 'meningioma_recall')} → {cell(k['clean'], 'meningioma_recall')} | "
+            f"**{with_ci(u['accuracy'], u['accuracy_ci95'])}** | "
+            + (f"{cell(view['all'])} → {cell(view['clean'])} |" if view else "— |"))
+    first = next(iter(honest["runs"].values()))["tumor"]
+    n = (first["brisc2025_test"]["all"]["n"], first["brisc2025_test"]["clean"]["n"], first["kaggle_test"]["all"]["n"],
+         first["kaggle_test"]["clean"]["n"], first["union_clean"]["n"])
+    seg = honest.get("segmentation_served", {}).get("brisc2025_test")
+    notes = [f"Clean: {n[1]} of {n[0]} BRISC test and {n[3]} of {n[2]} Kaggle test images have no twin among the "
+             f"{honest['pool']} images of the split these checkpoints were trained and validated on (data "
+             f"`{honest['dataset_hash'][:16]}`); the union counts each of their {n[4]} distinct pictures once."]
+    if seg:
+        notes.append(f"Served segmentation, mean Dice over BRISC test tumour slices: {seg['all']['mean']:.3f} on all "
+                     f"{seg['all']['n']} → **{with_ci(seg['clean']['mean'], seg['clean']['ci95'])}** on the "
+                     f"{seg['clean']['n']} clean ones.")
+    notes.append("_Generated from `results/honest.json` (`python -m braintumor_flax.evaluation.honest`: the "
+                 "evaluation's own per-image predictions, re-scored). Do not edit this block by hand._")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
 
 
 TEST_SETS = (("brisc2025_test", "brisc2025", "BRISC"), ("kaggle_test", "kaggle", "Kaggle"))
@@ -367,12 +422,15 @@ def _checkpoint_config(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return config
 
 
-def render_model_card_for(checkpoint: str | Path) -> str:
-    """The model card of a checkpoint folder from its config.json and metrics.json (weights not loaded)."""
+def render_model_card_for(checkpoint: str | Path, honest_path: str | Path = "results/honest.json") -> str:
+    """The model card of a checkpoint folder from its config.json and metrics.json (weights not loaded), with its
+    figures on the test images without twins in its training when results/honest.json has them."""
     folder = Path(checkpoint)
     config = json.loads((folder / "config.json").read_text())
     metrics_path = folder / "metrics.json"
-    return render_model_card(config, json.loads(metrics_path.read_text()) if metrics_path.is_file() else {})
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    clean = _clean_of(load_json(honest_path), metrics.get("meta", {}).get("checkpoint_fingerprint"))
+    return render_model_card(config, metrics, clean)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                             "results/lodo-brisc2025/metrics.json,results/lodo-kaggle/metrics.json,results/metrics.json,"
                             "results/lodo-faithful-brisc2025/metrics.json",
                     help="comma-separated metrics.json files for the leave-one-dataset-out block (missing: skipped)")
+    ap.add_argument("--honest", default="results/honest.json",
+                    help="python -m braintumor_flax.evaluation.honest output (figures without twins)")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--checkpoint", default="checkpoints-shared-trunk",
                     help="checkpoint folder whose model card to regenerate")
@@ -420,12 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         # Optional blocks: regenerated when both their markers and their source JSON are there.
         served = load_json(args.served)
         runs = [(m, _checkpoint_config(m)) for m in (load_json(p) for p in args.recipes.split(",") if p) if m]
+        honest = load_json(args.honest)
         lodo = [m for m in (load_json(p) for p in args.generalization.split(",") if p) if m]
         ood, bench_app, bench_inference, seg = (load_json(p) for p in (args.ood, args.bench_app, args.bench_inference,
                                                                         args.segmentation))
         optional = {"ood": ood_markdown(ood) if ood else None,
                     "segmentation": segmentation_markdown(seg) if seg else None,
-                    "recipes": recipes_markdown(runs) if runs else None,
+                    "recipes": recipes_markdown(runs, honest) if runs else None,
+                    "honest": honest_markdown(honest) if honest else None,
                     "generalization": generalization_markdown(lodo) if len(lodo) > 1 else None,
                     "served": results_markdown(served, source_file=args.served) if served else None,
                     "serving": serving_markdown(bench_app, bench_inference) if bench_app or bench_inference else None}
