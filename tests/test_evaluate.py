@@ -106,6 +106,9 @@ def test_metrics_json_schema(run):
     assert set(m["view"]) == {"brisc2025_test"} and set(m["tumor"]) == {"brisc2025_test", "kaggle_test"}
     assert m["view"]["brisc2025_test"]["n"] == counts["brisc_test"]
     assert m["tumor"]["kaggle_test"]["n"] == counts["kaggle_test"]
+    union = m["union"]  # both test sets, each picture once: here no picture is in both
+    assert union["images"] == counts["brisc_test"] + counts["kaggle_test"]
+    assert union["tumor"]["n"] == union["distinct_pictures"] <= union["images"]
     for task, name in (("view", "brisc2025_test"), ("tumor", "brisc2025_test"), ("tumor", "kaggle_test")):
         r = m[task][name]
         for key in ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_auc", "per_class", "ece_raw",

@@ -34,8 +34,9 @@ import numpy as np
 
 from braintumor_flax import calibration
 from braintumor_flax.checkpoint_info import TrainingRecord
-from braintumor_flax.data.datasets import PreparedData, Split, prepare
+from braintumor_flax.data.datasets import PreparedData, Split, prepare, twin_group_ids
 from braintumor_flax.evaluation import metrics
+from braintumor_flax.evaluation.honest import first_of_each_picture
 from braintumor_flax.evaluation.predictions import Checkpoint, Logits, load_checkpoint, log, predict_splits
 from braintumor_flax.evaluation.report import (
     git_commit,
@@ -140,6 +141,22 @@ def evaluate_pipeline(
             result["view"][test_name] = evaluate_task(lg.view[has_plane], split.plane[has_plane], PLANES,
                                                       temps["view_temperature"], n_resamples=n_resamples, seed=seed)
     return result
+
+
+def union_of_test_sets(logits: dict[str, Logits], splits: dict[str, Split], temps: dict[str, Any],
+                       groups: dict[str, int], *, n_resamples: int, seed: int) -> dict[str, Any] | None:
+    """Tumour figures over the union of the test sets with each picture once: BRISC 2025 test and Kaggle Testing
+    share many slices (docs/duplicates.md), so this is the one figure over independent pictures."""
+    names = [n for n in TEST_SETS.values() if n in logits and n in splits]
+    if len(names) < 2:
+        return None
+    paths = [p for n in names for p in splits[n].paths]
+    lg = np.concatenate([logits[n].tumor for n in names])
+    labels = np.concatenate([splits[n].tumor for n in names])
+    keep = first_of_each_picture(paths, groups) & (labels >= 0)
+    report = evaluate_task(lg[keep], labels[keep], TUMOR_CLASSES, temps["tumor_temperature"],
+                           n_resamples=n_resamples, seed=seed)
+    return {"tumor": report, "test_sets": names, "images": len(paths), "distinct_pictures": int(keep.sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +278,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     temps = stored["main"] or fit_temperatures(logits["main"], splits.get(VAL_SPLIT), view=True)
     results: dict[str, Any] = evaluate_pipeline(logits["main"], splits, temps, view=True,
                                                 n_resamples=args.bootstrap, seed=args.seed)
+    union = union_of_test_sets(logits["main"], splits, temps, twin_group_ids(prepared.report),
+                               n_resamples=args.bootstrap, seed=args.seed)
+    if union is not None:
+        results["union"] = union
     results["calibration"] = {**temps, "previous_in_checkpoint": main_ckpt.pipeline.info.calibration.to_dict()}
     if ablation_ckpt is not None:
         results["ablation"] = compare_ablation(args, ablation_ckpt, logits, splits, stored["ablation"])
@@ -285,8 +306,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset_hash_matches_training": (train_hash == prepared.dataset_hash) if train_hash else None,
         "splits": {name: len(s) for name, s in splits.items()},
         "subset_limit": args.limit,
-        "deduplication": "test images with an exact or near duplicate in training data were removed from "
-                         "training (never from the test set); see data report",
+        "deduplication": "every twin group (exact, re-encoded, mirrored or re-processed copies) with a test "
+                         "member was removed from training and validation (never from the test set); see "
+                         "docs/duplicates.md and the data report",
         "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "ci": "95 % percentile"},
         "ece_bins": calibration.DEFAULT_BINS,
         "figures": figures,
