@@ -2,7 +2,7 @@
 
 Neither dataset gives patient IDs, and a random validation split keeps a patient's neighbouring slices on both
 sides: most validation images then have a close look-alike of their own label in training, and validation
-overstates the test sets (README, "Why validation overstates the test sets"). Here look-alike images are
+overstates the test sets (docs/experiments/why-validation-overstates-the-test-sets.md). Here look-alike images are
 linked, the links are followed to groups, and validation takes whole groups, stratified as the random draw is
 (dataset × tumour × plane). A grouping is named by a spec (`TrainConfig.val_grouping`):
 

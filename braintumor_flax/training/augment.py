@@ -307,7 +307,7 @@ class StyleRandomize:
     Why: the served CPU model calls bright axial meningiomas on FLAIR-, T2- or CT-looking slices "no tumour",
     the look most of the training set's no-tumour slices have. For recipes whose lower blocks are frozen, each
     training image gets `TrainConfig.style_variants` such copies, whose lower-block features are cached once.
-    Measured with `shared-frozen3-style`: it did not help (README, "Style randomisation: not adopted").
+    Measured with `shared-frozen3-style`: it did not help (docs/experiments/style-randomisation-not-adopted.md).
     """
 
     knots: int = 4  # interior control points of the piecewise-linear curve, evenly spaced

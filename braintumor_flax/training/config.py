@@ -161,7 +161,8 @@ RECIPES: dict[str, TrainConfig] = {
                                                keep_best=True, head_refit_epochs=30, head_refit_pastes=1),
     # shared-frozen3 with one style-randomised copy of every training image (its block-3 features cached too):
     # aimed at the contrast shortcut ("FLAIR / T2 / CT look" = no tumour) of shared-frozen3 on the test sets.
-    # Measured and not adopted: lower on validation and on both test sets (README, "Style randomisation").
+    # Measured and not adopted: lower on validation and on both test sets
+    # (docs/experiments/style-randomisation-not-adopted.md).
     "shared-frozen3-style": TrainConfig(recipe="shared-frozen3-style", model="shared_trunk", epochs=6,
                                         frozen_blocks=3, schedule="warmup_cosine", warmup_epochs=0.5,
                                         learning_rate=2e-4, weight_decay=1e-4, label_smoothing=0.1, keep_best=True,

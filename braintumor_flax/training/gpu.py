@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu_pack")
     p.add_argument("--no-masks", action="store_true", help="leave BRISC's tumour masks out of the pack")
     # Grouped by default: measured on the CPU recipe, it overstates the test sets by 4.3 points where the random
-    # draw does by 6.7, for the same test accuracy (README, "Validation by groups of look-alike images").
+    # draw does by 6.7, for the same test accuracy (docs/experiments/validation-by-groups-of-look-alike-images.md).
     p.add_argument("--val-grouping", default="imagenet:0.85",
                    help="validation by groups of look-alike images (data/grouping.py; '' draws images one by one)")
     r = sub.add_parser("run", help="train the recipes on a pack; export the best on validation")

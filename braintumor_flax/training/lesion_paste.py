@@ -2,8 +2,8 @@
 no-tumour training slice (`TrainConfig.head_refit_pastes`).
 
 Why: most tumours the served model misses are called "no tumour", many on slices whose look (contrast, scanner)
-the no-tumour training slices share, and the classifier answers mostly from outside the tumour (README, "Is it
-the map or the model?"). A slice with that look *and* a tumour is evidence against the shortcut "this look
+the no-tumour training slices share, and the classifier answers mostly from outside the tumour (docs/experiments/
+is-it-the-map-or-the-model.md). A slice with that look *and* a tumour is evidence against the shortcut "this look
 means no tumour".
 
 How: for each no-tumour slice, a donor of one of the three tumour classes (drawn uniformly) from the slice's
