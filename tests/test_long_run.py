@@ -85,6 +85,14 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
     return data, cache, root / "run"
 
 
+def _order_leaf(run_dir: Path) -> str:
+    """The saved state's data-order leaf (the training split's size, after deduplication, is its length): the
+    one 1-D int64 leaf of the tree {"best", "order", "state"} that follows every leaf of "best"."""
+    with np.load(run_dir / "state.npz") as data:
+        ints = [k for k in data.files if k.startswith("leaf_") and data[k].dtype == np.int64 and data[k].ndim == 1]
+    return ints[0]
+
+
 def test_tiny_long_run_ends_in_a_servable_checkpoint_of_its_ema_weights(uninterrupted):
     from braintumor_flax.hub import BrainTumorPipeline
     from braintumor_flax.models.forward import Forward
@@ -102,7 +110,8 @@ def test_tiny_long_run_ends_in_a_servable_checkpoint_of_its_ema_weights(uninterr
     assert pipeline.segmentation_record["threshold"] == pipeline.segmenter.config.threshold
     # What is saved is the kept epoch's EMA weights, not the raw ones.
     config = get_recipe(RECIPE)
-    state, best, _, meta = load_run_state(run_dir, _new_state(config, 8, None), 32)
+    n_train = len(np.load(run_dir / "state.npz")[_order_leaf(run_dir)])
+    state, best, _, meta = load_run_state(run_dir, _new_state(config, 8, None), n_train)
     served = np.asarray(pipeline.tumor_model.classifier.kernel.get_value())
     kept = best if meta["best_epoch"] else state.ema
     np.testing.assert_array_equal(served, np.asarray(kept["tumor"]["classifier"]["kernel"].get_value()))
