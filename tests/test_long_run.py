@@ -50,8 +50,9 @@ def _write_dataset(root: Path, per_class: int = 8, size: int = 48, seed: int = 0
         for c, label in enumerate(CLASSES):
             for i in range(n // 2):
                 image = rng.integers(0, 60, (size, size), dtype=np.uint8)
-                if label != "no_tumor":
-                    image[10:15 + 3 * c, 20:30] = 210
+                if label != "no_tumor":  # a lesion where each slice has its own: not copies of one picture
+                    top, left = rng.integers(2, size - 18, 2)
+                    image[top:top + 5 + 3 * c, left:left + 10] = 210
                 path = root / "kaggle" / ("Training" if split == "train" else "Testing") / label / f"k{c}{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(path)
@@ -85,14 +86,6 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
     return data, cache, root / "run"
 
 
-def _order_leaf(run_dir: Path) -> str:
-    """The saved state's data-order leaf (the training split's size, after deduplication, is its length): the
-    one 1-D int64 leaf of the tree {"best", "order", "state"} that follows every leaf of "best"."""
-    with np.load(run_dir / "state.npz") as data:
-        ints = [k for k in data.files if k.startswith("leaf_") and data[k].dtype == np.int64 and data[k].ndim == 1]
-    return ints[0]
-
-
 def test_tiny_long_run_ends_in_a_servable_checkpoint_of_its_ema_weights(uninterrupted):
     from braintumor_flax.hub import BrainTumorPipeline
     from braintumor_flax.models.forward import Forward
@@ -110,7 +103,9 @@ def test_tiny_long_run_ends_in_a_servable_checkpoint_of_its_ema_weights(uninterr
     assert pipeline.segmentation_record["threshold"] == pipeline.segmenter.config.threshold
     # What is saved is the kept epoch's EMA weights, not the raw ones.
     config = get_recipe(RECIPE)
-    n_train = len(np.load(run_dir / "state.npz")[_order_leaf(run_dir)])
+    with np.load(run_dir / "state.npz") as saved:  # the data order's length: the training split after dedup
+        n_train = next(len(saved[k]) for k in saved.files
+                       if k.startswith("leaf_") and saved[k].dtype == np.int64 and saved[k].ndim == 1)
     state, best, _, meta = load_run_state(run_dir, _new_state(config, 8, None), n_train)
     served = np.asarray(pipeline.tumor_model.classifier.kernel.get_value())
     kept = best if meta["best_epoch"] else state.ema
